@@ -1,0 +1,3 @@
+"""Bayesian neural-network pruning experiments (see README.md)."""
+
+__version__ = "0.1.0"

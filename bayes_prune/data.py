@@ -1,0 +1,138 @@
+"""Datasets, read once into normalised tensors on the training device (methods.md A17).
+
+Batches are index slices of these tensors (see `trainer.py`), so no DataLoader runs per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DatasetConfig, DatasetName
+
+# Per-dataset channel means and stds (methods.md A17).
+STATS: dict[DatasetName, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    DatasetName.mnist: ((0.1307,), (0.3081,)),
+    DatasetName.fashion_mnist: ((0.2860,), (0.3530,)),
+    DatasetName.cifar10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+TORCHVISION_CLASSES = {
+    DatasetName.mnist: ("MNIST", "MNIST"),
+    DatasetName.fashion_mnist: ("FashionMNIST", "FashionMNIST"),
+    DatasetName.cifar10: ("CIFAR10", "cifar-10-batches-py"),
+}
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found or fetched; the message names the path and the fix."""
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor  # float32 [n, C, H, W], normalised
+    y_train: torch.Tensor  # int64 [n]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: torch.device) -> Data:
+        return Data(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                    self.y_test.to(device), self.num_classes)
+
+
+def _torchvision_split(name: DatasetName, root: Path, train: bool):
+    import torchvision
+
+    cls_name, folder = TORCHVISION_CLASSES[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        return cls(root=str(root), train=train, download=False)
+    except RuntimeError:
+        pass
+    try:
+        return cls(root=str(root), train=train, download=True)
+    except Exception as exc:  # no network, permission denied, ...
+        raise DataError(
+            f"dataset '{name.value}' was not found under {root.resolve()}/{folder} and could not "
+            f"be downloaded ({type(exc).__name__}: {exc}). Fix: point the data root at a folder "
+            f"holding {folder}/ (torchvision layout), e.g. BAYES_PRUNE_DATA=/path/to/datasets or "
+            f"paths.data_dir=/path/to/datasets, or run once where downloads work."
+        ) from exc
+
+
+def _images_to_tensor(images) -> torch.Tensor:
+    x = torch.as_tensor(images)
+    if x.ndim == 3:  # [n, H, W] grayscale
+        x = x.unsqueeze(1)
+    elif x.shape[-1] == 3:  # [n, H, W, 3] (CIFAR's numpy layout)
+        x = x.permute(0, 3, 1, 2)
+    return x.float().div_(255.0).contiguous()
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _load_torchvision(cfg: DatasetConfig, root: Path) -> Data:
+    mean, std = STATS[cfg.name]
+    splits = []
+    for train in (True, False):
+        ds = _torchvision_split(cfg.name, root, train)
+        x = _normalise(_images_to_tensor(ds.data), mean, std)
+        y = torch.as_tensor(ds.targets, dtype=torch.long)
+        splits += [x, y]
+    return Data(*splits, num_classes=10)
+
+
+def _load_digits() -> Data:
+    """scikit-learn's bundled 8x8 digits (1,797 images): the embedded dataset needing no download."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=0.2, random_state=0, stratify=y.numpy())
+    x_train, x_test = x[idx_train], x[idx_test]
+    mean, std = x_train.mean(), x_train.std()
+    return Data((x_train - mean) / std, y[idx_train], (x_test - mean) / std, y[idx_test], 10)
+
+
+def _make_synthetic(cfg: DatasetConfig) -> Data:
+    """Class prototypes plus Gaussian noise; learnable, of any image shape, fixed by its own seed."""
+    g = torch.Generator().manual_seed(12345)
+    shape = tuple(cfg.shape)
+    prototypes = torch.randn((cfg.num_classes, *shape), generator=g)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(cfg.num_classes, (n,), generator=g)
+        x = prototypes[y] + cfg.noise * torch.randn((n, *shape), generator=g)
+        return x, y
+
+    x_train, y_train = sample(cfg.n_train)
+    x_test, y_test = sample(cfg.n_test)
+    return Data(x_train, y_train, x_test, y_test, cfg.num_classes)
+
+
+def load_data(cfg: DatasetConfig, data_dir: str | Path, device: torch.device) -> Data:
+    if cfg.name is DatasetName.digits:
+        data = _load_digits()
+    elif cfg.name is DatasetName.synthetic:
+        data = _make_synthetic(cfg)
+    else:
+        data = _load_torchvision(cfg, Path(data_dir))
+    if cfg.train_subset is not None:
+        data.x_train, data.y_train = data.x_train[: cfg.train_subset], data.y_train[: cfg.train_subset]
+    if cfg.test_subset is not None:
+        data.x_test, data.y_test = data.x_test[: cfg.test_subset], data.y_test[: cfg.test_subset]
+    return data.to(device)

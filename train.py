@@ -1,0 +1,69 @@
+"""Entry point: `python train.py [group=option ...] [key=value ...]`, or `-m` for a sweep."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from bayes_prune.config import ConfigError, register_configs, validate
+from bayes_prune.data import DataError
+from bayes_prune.experiment import JobContext, run_experiment
+
+register_configs()
+log = logging.getLogger("bayes_prune")
+NUMERIC_CHOICE = re.compile(r"^(sparsity)=(\d+(?:\.\d+)?(?:,\d+(?:\.\d+)?)*)$")
+
+
+def quote_numeric_choices(argv: list[str]) -> list[str]:
+    """`sparsity=25,50` -> `sparsity='25','50'`.
+
+    Hydra parses a bare number as an int, and an int cannot select a config-group option
+    ("Config group override must be a string"), yet the sparsity options are named by number.
+    """
+    out = []
+    for arg in argv:
+        m = NUMERIC_CHOICE.match(arg)
+        out.append(f"{m[1]}=" + ",".join(f"'{v}'" for v in m[2].split(",")) if m else arg)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        typed = validate(cfg)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        if not multirun:
+            sys.exit(2)
+        raise
+    launcher = OmegaConf.select(hc, "launcher.n_jobs", default=None)
+    n_jobs = int(launcher) if multirun and launcher is not None and int(launcher) > 0 else 1
+    job = JobContext(
+        run_dir=Path(hc.runtime.output_dir),
+        overrides=list(hc.overrides.task),
+        multirun=multirun,
+        parallel_jobs=n_jobs,
+        lock_dir=Path(hc.sweep.dir) / ".gpu_locks" if multirun else None,
+    )
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    try:
+        record = run_experiment(typed, config, job)
+    except (ConfigError, DataError) as exc:
+        if not multirun:
+            sys.exit(2)
+        raise exc
+    return float(record["final"]["test_acc"])
+
+
+if __name__ == "__main__":
+    sys.argv = quote_numeric_choices(sys.argv)
+    main()
