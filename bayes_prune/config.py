@@ -164,7 +164,7 @@ class TrainerConfig:
     objective: Objective = Objective.posterior
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # torch CPU threads; 0 = torch's default (or the launcher's share)
-    eval_batch_size: int = 4096
+    eval_batch_size: int | None = None  # test and evidence passes; None = measured default
     progress: Progress = Progress.auto
 
     def __post_init__(self) -> None:
@@ -173,8 +173,8 @@ class TrainerConfig:
         _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
         _check(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
         _check(self.threads >= 0, "trainer.threads", self.threads, "an integer >= 0")
-        _check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size,
-               "an integer >= 1")
+        _check(self.eval_batch_size is None or self.eval_batch_size >= 1,
+               "trainer.eval_batch_size", self.eval_batch_size, "null or an integer >= 1")
         dev = self.device
         _check(dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:")
                and dev[5:].isdigit()), "trainer.device", dev, "auto, cpu, cuda, cuda:N or mps")
@@ -185,12 +185,10 @@ class EvidenceConfig:
     """The log-posterior pass over the training set that the Bayes factor is computed from."""
 
     subsample: int | None = None  # estimate log p(D|w) on a fixed random subset, scaled to n
-    batch_size: int = 8192
 
     def __post_init__(self) -> None:
         _check(self.subsample is None or self.subsample >= 1, "evidence.subsample",
                self.subsample, "null or an integer >= 1")
-        _check(self.batch_size >= 1, "evidence.batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass

@@ -21,26 +21,42 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import SCHEMA_VERSION, Config, ConfigError, MaskMode, Objective
+from .config import SCHEMA_VERSION, Config, ConfigError, MaskMode, ModelName, Objective
 from .data import load_data
 from .devices import job_device, threads_per_job
 from .evidence import Evidence, add_prior_grad_, evaluate, log_prior
-from .masks import (GradMasker, apply_masks, changes_weights, full_masks, global_sparsity,
-                    layer_sparsity,
-                    restore_weights, zero_optimizer_state)
+from .masks import (
+    GradMasker,
+    apply_masks,
+    changes_weights,
+    full_masks,
+    global_sparsity,
+    layer_sparsity,
+    restore_weights,
+    zero_optimizer_state,
+)
 from .metrics import size_metrics
-from .models import build_model, prunable_layers, weight_layers
+from .models import build_model, eval_batch_size, prunable_layers, weight_layers
 from .progress import ProgressReporter, use_bars
 from .pruners import Pruner, build_pruner, gate_open, layer_target, scheduled_rate
-from .record import CHECKPOINT, MASKS, METRICS, WEIGHTS, read_metrics, save_torch, versions, \
-    write_json
+from .record import (
+    CHECKPOINT,
+    MASKS,
+    METRICS,
+    WEIGHTS,
+    read_metrics,
+    save_torch,
+    versions,
+    write_json,
+)
 from .trainer import make_optimizer, train_epoch
 
 log = logging.getLogger("bayes_prune")
 
 # Settings that do not change a run's results: a run directory may be resumed under other values.
 NON_RESULT_KEYS = {("paths",), ("resume",), ("name",), ("trainer", "device"),
-                   ("trainer", "progress"), ("trainer", "threads")}
+                   ("trainer", "progress"), ("trainer", "threads"),
+                   ("trainer", "eval_batch_size")}
 
 
 @dataclass
@@ -120,17 +136,19 @@ def run_experiment(cfg: Config, config: dict, job: JobContext) -> dict:
 def _train(cfg: Config, record: dict, job: JobContext, device: torch.device, bars: bool) -> None:
     run_dir = job.run_dir
     seed_everything(cfg.seed)
-    data = load_data(cfg.dataset, cfg.paths.data_dir, device)
+    channels_last = cfg.model.name is ModelName.cnn
+    data = load_data(cfg.dataset, cfg.paths.data_dir, device, channels_last)
     n_train = len(data.x_train)
     pruner = build_pruner(cfg.pruner)
-    model = pruner.prepare_model(
-        build_model(cfg.model, data.input_shape, data.num_classes)).to(device)
+    model = pruner.prepare_model(build_model(cfg.model, data.input_shape, data.num_classes))
+    model = model.to(device, memory_format=torch.channels_last if channels_last
+                     else torch.preserve_format)
     optimizer = make_optimizer(model, cfg.trainer.lr, device)
     layers = prunable_layers(model, cfg.pruner.prune_output)
     prior_weights = [m.weight for m in weight_layers(model).values()]
     masks = full_masks(layers)
-    evidence = Evidence(data.x_train, data.y_train, cfg.evidence.batch_size,
-                        cfg.evidence.subsample, cfg.seed)
+    ebs = eval_batch_size(model, device, cfg.trainer.eval_batch_size)
+    evidence = Evidence(data.x_train, data.y_train, ebs, cfg.evidence.subsample, cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     prune_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
     target = cfg.sparsity.percent / 100.0
@@ -170,7 +188,6 @@ def _train(cfg: Config, record: dict, job: JobContext, device: torch.device, bar
     log.info("run dir: %s | device %s | %d train / %d test examples | %d parameters",
              run_dir, device, n_train, len(data.x_test), sum(p.numel() for p in model.parameters()))
     t_start = time.perf_counter()
-    ebs = cfg.trainer.eval_batch_size
 
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
         t0 = time.perf_counter()

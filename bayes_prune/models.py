@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .config import ModelConfig, ModelName
@@ -50,3 +51,17 @@ def prunable_layers(model: nn.Module, prune_output: bool) -> dict[str, nn.Module
     if not prune_output:
         layers.pop(list(layers)[-1])
     return layers
+
+
+def has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def eval_batch_size(model: nn.Module, device: torch.device, setting: int | None) -> int:
+    """Batch size of the no-grad passes. Measured on the 2-core CPU: the FCN is fastest at 4096,
+    the CNN at 256 (larger conv activations fall out of cache)."""
+    if setting is not None:
+        return setting
+    if device.type != "cpu":
+        return 8192
+    return 256 if has_conv(model) else 4096

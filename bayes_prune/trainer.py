@@ -49,7 +49,7 @@ def train_epoch(
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         objective = loss if extra_loss is None else loss + extra_loss()
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=True)
         objective.backward()
         if before_step is not None:
             before_step()

@@ -1,0 +1,167 @@
+"""Benchmark the hot path against a plain PyTorch loop, in one process.
+
+    python -m bayes_prune.bench [--models fcn cnn] [--n-train 60000] [--repeats 3]
+
+For each model: (a) one epoch of a plain loop (torchvision's MNIST Dataset with ToTensor and
+Normalize, DataLoader(batch_size=64, shuffle=True), torch.optim.Adam, the same model), (b) one epoch
+of our trainer with persistent masks at 90 % sparsity and the posterior objective (the work a
+Bayes-pruning run really does), and (c) our evidence pass (two full no-grad passes over the
+training set: before and after a candidate prune).
+(a') is the same loop over pre-normalised tensors in a minimal Dataset, the lighter plain variant.
+Prints seconds per epoch, the ratios (a)/(b) and (a')/(b), and the evidence pass as a fraction of our epoch.
+Uses MNIST from BAYES_PRUNE_DATA when it is there, else random uint8 images of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .config import DatasetConfig, DatasetName, ModelConfig, ModelName, PriorConfig
+from .data import DataError, load_data
+from .evidence import Evidence, add_prior_grad_
+from .masks import GradMasker, apply_masks, zero_optimizer_state
+from .models import build_model, eval_batch_size, prunable_layers, weight_layers
+from .pruners import magnitude_mask
+from .trainer import make_optimizer, train_epoch
+
+MNIST_NORMALISE = ((0.1307,), (0.3081,))
+
+
+class TensorImages(Dataset):
+    """The lighter plain variant: pre-normalised tensors in memory, one sample per __getitem__."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class SyntheticMNIST(Dataset):
+    """Stands in for torchvision's MNIST when it is not on disk: uint8 images in memory, turned into
+    normalised tensors one sample at a time through PIL and the same transforms."""
+
+    def __init__(self, n: int, transform) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        self.targets = torch.randint(10, (n,), generator=g)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.data[i].numpy(), mode="L")
+        return self.transform(img), int(self.targets[i])
+
+
+def plain_dataset(root: str, n: int) -> tuple[Dataset, str]:
+    """What a plain PyTorch script uses: torchvision's MNIST with ToTensor and Normalize."""
+    transform = T.Compose([T.ToTensor(), T.Normalize(*MNIST_NORMALISE)])
+    try:
+        ds = torchvision.datasets.MNIST(root, train=True, download=False, transform=transform)
+        return Subset(ds, range(min(n, len(ds)))), f"torchvision MNIST from {root}"
+    except RuntimeError:
+        return SyntheticMNIST(n, transform), "random uint8 MNIST-shaped images"
+
+
+def plain_epoch(model, dataset: Dataset) -> float:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(dataset, batch_size=64, shuffle=True)
+    model.train()
+    t0 = time.perf_counter()
+    for xb, yb in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def our_epoch(model, x, y, device) -> tuple[float, float]:
+    """Seconds for one training epoch and for one evidence pass (before + after a prune)."""
+    opt = make_optimizer(model, 1e-3, device)
+    layers = prunable_layers(model, prune_output=False)
+    weights = [m.weight for m in weight_layers(model).values()]
+    masks = {n: magnitude_mask(m.weight, 0.9) for n, m in layers.items()}
+    apply_masks(layers, masks)
+    zero_optimizer_state(opt, layers, masks)
+    masker, prior = GradMasker(layers, masks), PriorConfig()
+
+    def before_step() -> None:
+        masker()
+        add_prior_grad_(weights, prior, len(x))
+
+    t0 = time.perf_counter()
+    train_epoch(model, opt, x, y, 64, torch.Generator().manual_seed(0), before_step=before_step)
+    t_train = time.perf_counter() - t0
+    evidence = Evidence(x, y, eval_batch_size(model, device, None), None, 0)
+    t0 = time.perf_counter()
+    evidence.log_likelihood(model)
+    evidence.log_likelihood(model)
+    return t_train, time.perf_counter() - t0
+
+
+def our_data(root: str, n: int, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        data = load_data(DatasetConfig(name=DatasetName.mnist), root, torch.device("cpu"), channels_last)
+        return data.x_train[:n], data.y_train[:n]
+    except DataError:
+        ds = SyntheticMNIST(n, None)
+        x = ((ds.data.float() / 255 - MNIST_NORMALISE[0][0]) / MNIST_NORMALISE[1][0]).unsqueeze(1)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt), ds.targets
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["fcn", "cnn"], choices=["fcn", "cnn"])
+    parser.add_argument("--n-train", type=int, default=60000)
+    parser.add_argument("--repeats", type=int, default=3, help="epochs of each; medians are reported")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu")
+    root = os.environ.get("BAYES_PRUNE_DATA", "data")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, "
+          f"median of {args.repeats} epochs each, interleaved")
+    for name in args.models:
+        dataset, source = plain_dataset(root, args.n_train)
+        x, y = our_data(root, args.n_train, channels_last=name == "cnn")
+        cfg = ModelConfig(name=ModelName(name))
+        plain, tensors, ours, evidence = [], [], [], []
+        for _ in range(args.repeats):
+            torch.manual_seed(0)
+            plain.append(plain_epoch(build_model(cfg, (1, 28, 28), 10), dataset))
+            torch.manual_seed(0)
+            tensors.append(plain_epoch(build_model(cfg, (1, 28, 28), 10),
+                                       TensorImages(x.contiguous(), y)))
+            torch.manual_seed(0)
+            model = build_model(cfg, (1, 28, 28), 10)
+            if name == "cnn":
+                model = model.to(memory_format=torch.channels_last)
+            t_train, t_evidence = our_epoch(model, x, y, device)
+            ours.append(t_train)
+            evidence.append(t_evidence)
+        t_plain, t_tensors, t_ours, t_ev = (statistics.median(v) for v in (plain, tensors, ours, evidence))
+        print(f"{name}: {len(x)} examples; plain loop on {source}\n"
+              f"  (a) plain PyTorch loop          {t_plain:8.2f} s/epoch\n"
+              f"  (a') plain loop, tensor Dataset {t_tensors:8.2f} s/epoch\n"
+              f"  (b) bayes_prune trainer         {t_ours:8.2f} s/epoch   ratio (a)/(b) = "
+              f"{t_plain / t_ours:.2f}x   (a')/(b) = {t_tensors / t_ours:.2f}x\n"
+              f"  (c) evidence pass               {t_ev:8.2f} s (2 passes) = {t_ev / t_ours:.2f} of our "
+              f"training epoch")
+
+
+if __name__ == "__main__":
+    main()
