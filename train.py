@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -45,13 +46,14 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             sys.exit(2)
         raise
-    launcher = OmegaConf.select(hc, "launcher.n_jobs", default=None)
-    n_jobs = int(launcher) if multirun and launcher is not None and int(launcher) > 0 else 1
+    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None) if multirun else None
+    if n_jobs is not None and n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...
+        n_jobs = (os.cpu_count() or 1) + 1 + n_jobs
     job = JobContext(
         run_dir=Path(hc.runtime.output_dir),
         overrides=list(hc.overrides.task),
         multirun=multirun,
-        parallel_jobs=n_jobs,
+        parallel_jobs=max(1, n_jobs or 1),
         lock_dir=Path(hc.sweep.dir) / ".gpu_locks" if multirun else None,
     )
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
