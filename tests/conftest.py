@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = (ROOT.parent / "shared" / "datasets").resolve()
+PYTHON = sys.executable
+
+sys.path.insert(0, str(ROOT))
+from bayes_prune.config import register_configs  # noqa: E402
+
+register_configs()
+
+
+def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def mnist_root() -> Path | None:
+    """The MNIST folder the real-data tests use: BAYES_PRUNE_DATA, else ../shared/datasets."""
+    for root in (os.environ.get("BAYES_PRUNE_DATA"), str(SHARED_DATA)):
+        if root and (Path(root) / "MNIST" / "raw").is_dir():
+            return Path(root)
+    return None
+
+
+needs_mnist = pytest.mark.skipif(mnist_root() is None,
+                                 reason="real MNIST not found (set BAYES_PRUNE_DATA)")
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [PYTHON, str(ROOT / "train.py"), *args]
