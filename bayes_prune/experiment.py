@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import random
 import time
 import traceback
@@ -185,8 +186,9 @@ def _train(cfg: Config, record: dict, job: JobContext, device: torch.device, bar
     extra_loss = (lambda: pruner.penalty(model)) if overrides_penalty else None
     batches = (n_train + cfg.trainer.batch_size - 1) // cfg.trainer.batch_size
     progress = ProgressReporter(bars, cfg.trainer.epochs, start_epoch, batches)
-    log.info("run dir: %s | device %s | %d train / %d test examples | %d parameters",
-             run_dir, device, n_train, len(data.x_test), sum(p.numel() for p in model.parameters()))
+    log.info("run dir: %s | device %s | pid=%d | %d train / %d test examples | %d parameters",
+             run_dir, device, os.getpid(), n_train, len(data.x_test),
+             sum(p.numel() for p in model.parameters()))
     t_start = time.perf_counter()
 
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):

@@ -1,0 +1,54 @@
+# bayes_prune — `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+N_JOBS ?= 2
+# Hydra overrides passed through to sweeps, e.g. make table1 ARGS="dataset=mnist model=fcn seed=0,1"
+ARGS   ?=
+# Real datasets: BAYES_PRUNE_DATA, else ../shared/datasets when it exists, else data/ (downloads).
+export BAYES_PRUNE_DATA ?= $(if $(wildcard ../shared/datasets/MNIST),$(abspath ../shared/datasets),data)
+
+LAUNCH := hydra/launcher=joblib hydra.launcher.n_jobs=$(N_JOBS)
+ifeq ($(QUICK),1)
+  EXP := table1_quick
+else
+  EXP := table1
+endif
+
+.PHONY: help install demo test lint bench table1 analysis clean-outputs
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install bayes_prune with its dev tools
+
+demo: install ## the card's sweep on the bundled digits data, then its table and figures
+	$(PY) train.py -m name=demo dataset=digits pruner=bayes_magnitude sparsity=25,50,75,90,99 $(LAUNCH) $(ARGS)
+	$(PY) -m bayes_prune.summary outputs/multirun/demo
+	$(PY) -m analysis outputs/multirun/demo --out outputs/analysis/demo
+
+test: install ## run the test suite (under 10 minutes on 2 CPU cores)
+	$(PY) -m pytest -q
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check .
+
+bench: install ## time our trainer and evidence pass against a plain PyTorch loop
+	$(PY) -m bayes_prune.bench
+
+table1: install ## run the Table 1 grid (QUICK=1: table1_quick), resumable, then table, figures, report
+	$(PY) train.py -m experiment=$(EXP)_unpruned $(LAUNCH) $(ARGS)
+	$(PY) train.py -m experiment=$(EXP) $(LAUNCH) $(ARGS)
+	$(PY) -m analysis outputs/multirun/$(EXP) --out outputs/analysis/$(EXP)
+
+analysis: install ## rebuild table, figures and report from outputs/multirun/$(EXP) without running
+	$(PY) -m analysis outputs/multirun/$(EXP) --out outputs/analysis/$(EXP)
+
+clean-outputs: ## delete everything under outputs/ (runs, sweeps, analyses)
+	find outputs -mindepth 1 ! -name .gitkeep -delete
