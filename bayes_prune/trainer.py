@@ -28,13 +28,14 @@ def train_epoch(
     before_step: Callable[[], None] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     on_batches: Callable[[int, float, float], None] | None = None,
-    report_every: int = 50,
+    report_every: int | None = None,
 ) -> tuple[float, float]:
     """Train one epoch; returns (mean cross-entropy, accuracy) over the epoch's batches.
 
     `extra_loss()` is added to the mean cross-entropy (e.g. a pruner's KL term).
     `before_step` runs between backward and the optimizer step (gradient masking, prior gradient).
-    `on_batches(n_done, loss, acc)` is called every `report_every` batches for progress display.
+    `on_batches(n_done, loss, acc)` is called every `report_every` batches for progress display
+    (default: about 20 times an epoch, at most every 50 batches).
     """
     model.train()
     n = len(x)
@@ -43,6 +44,7 @@ def train_epoch(
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     n_batches = (n + batch_size - 1) // batch_size
+    report_every = report_every or min(50, max(1, n_batches // 20))
     for b in range(n_batches):
         xb = xp[b * batch_size : (b + 1) * batch_size]
         yb = yp[b * batch_size : (b + 1) * batch_size]

@@ -118,3 +118,17 @@ def test_gates_decide_as_specified():
     assert gate_open(Gate.tentative, log_bf=-5.0, prev_log_bf=0, beta=math.exp(-10))
     # none: always open
     assert gate_open(Gate.none, log_bf=-1e9, prev_log_bf=-1e9, beta=1.0)
+
+
+def test_progress_bars_only_on_a_terminal_outside_multirun(monkeypatch):
+    import sys
+
+    from bayes_prune.config import Progress
+    from bayes_prune.progress import use_bars
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert use_bars(Progress.auto, multirun=False)
+    assert not use_bars(Progress.auto, multirun=True)
+    assert use_bars(Progress.on, multirun=True) and not use_bars(Progress.off, multirun=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not use_bars(Progress.auto, multirun=False)
