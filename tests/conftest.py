@@ -42,3 +42,16 @@ needs_mnist = pytest.mark.skipif(mnist_root() is None,
 
 def train_cmd(*args: str) -> list[str]:
     return [PYTHON, str(ROOT / "train.py"), *args]
+
+
+TIMING_KEYS = {"epoch_seconds", "evidence_seconds", "wall_seconds", "started_at", "updated_at", "run_dir",
+               "threads"}
+
+
+def strip_timings(obj):
+    """A metrics record without the fields that may differ between identical runs."""
+    if isinstance(obj, dict):
+        return {k: strip_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timings(v) for v in obj]
+    return obj

@@ -9,14 +9,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import ROOT, train_cmd
+from conftest import ROOT, strip_timings, train_cmd
 
 from analysis.collect import collect
 from analysis.table import table1
+from bayes_prune.devices import _claim_gpu, threads_per_job
 
 TINY = ["dataset=digits", "model.hidden=[64,64]", "trainer.epochs=2"]
-TIMINGS = {"epoch_seconds", "evidence_seconds", "wall_seconds", "started_at", "updated_at", "run_dir",
-           "threads"}
 
 
 def sweep(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -27,14 +26,6 @@ def sweep(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProc
 def runs(out: Path) -> dict[str, dict]:
     return {str(p.parent.relative_to(out)): json.loads(p.read_text())
             for p in sorted(out.rglob("metrics.json"))}
-
-
-def strip(obj):
-    if isinstance(obj, dict):
-        return {k: strip(v) for k, v in obj.items() if k not in TIMINGS}
-    if isinstance(obj, list):
-        return [strip(v) for v in obj]
-    return obj
 
 
 def test_joblib_sweep_runs_jobs_in_parallel_into_readable_dirs_and_analysis_tabulates_it(tmp_path):
@@ -84,7 +75,8 @@ def test_sweep_killed_midway_resumes_without_redoing_finished_runs(tmp_path):
         assert after[k]["updated_at"] == before[k]["updated_at"]
     ref = runs(reference)
     for key in ("history", "final"):
-        assert {k: strip(v[key]) for k, v in after.items()} == {k: strip(v[key]) for k, v in ref.items()}
+        assert ({k: strip_timings(v[key]) for k, v in after.items()}
+                == {k: strip_timings(v[key]) for k, v in ref.items()})
 
 
 def test_failing_job_does_not_stop_the_others_and_records_its_traceback(tmp_path):
@@ -111,3 +103,23 @@ def test_slurm_preset_composes_with_one_gpu_per_task():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+
+
+def test_parallel_jobs_claim_gpu_slots_round_robin_and_release_them(tmp_path):
+    claims = [_claim_gpu(tmp_path, n_gpus=2) for _ in range(3)]
+    assert [gpu for gpu, _ in claims] == [0, 1, 0]  # the third job shares GPU 0 in a second slot
+    claims[0][1].close()  # job 1 ends: its lock is released
+    again = _claim_gpu(tmp_path, n_gpus=2)
+    assert again[0] == 0
+    for _, handle in claims[1:] + [again]:
+        handle.close()
+
+
+def test_cpu_threads_are_shared_among_parallel_jobs():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_job(0, 1) == cores
+    assert threads_per_job(0, cores) == 1
+    assert threads_per_job(0, 4 * cores) == 1
+    assert threads_per_job(3, 2) == 3

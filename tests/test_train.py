@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, mnist_root, needs_mnist, to_dict, train_cmd
+from conftest import PYTHON, ROOT, compose_cfg, mnist_root, needs_mnist, strip_timings, to_dict, train_cmd
 
 from bayes_prune.config import validate
 from bayes_prune.experiment import JobContext, run_experiment
@@ -21,21 +21,12 @@ HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "te
                 "target_sparsity", "sparsity", "sparsity_per_layer", "epoch_seconds", "evidence_seconds"}
 FINAL_KEYS = {"test_acc", "test_loss", "sparsity", "sparsity_per_layer", "params_total", "params_nonzero",
               "compression", "wall_seconds", "flops_dense", "flops_nonzero", "epoch_target_reached"}
-TIMING_KEYS = {"epoch_seconds", "evidence_seconds", "wall_seconds", "started_at", "updated_at", "run_dir"}
 
 
 def run(tmp_path, overrides: list[str], name: str = "run") -> dict:
     cfg = compose_cfg(TINY + overrides)
     job = JobContext(run_dir=tmp_path / name, overrides=overrides)
     return run_experiment(validate(cfg), to_dict(cfg), job)
-
-
-def strip_timings(obj):
-    if isinstance(obj, dict):
-        return {k: strip_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timings(v) for v in obj]
-    return obj
 
 
 @pytest.mark.parametrize("model", ["fcn", "cnn"])
@@ -161,3 +152,11 @@ def test_cli_run_on_digits_writes_hydra_dir_log_and_metrics(tmp_path):
     meta = json.loads((out / METRICS).read_text())
     assert meta["status"] == "done" and meta["config"]["sparsity"]["percent"] == 90.0
     assert all(v == pytest.approx(0.9, abs=0.001) for v in meta["final"]["sparsity_per_layer"].values())
+
+
+def test_importing_bayes_prune_flushes_denormals_in_every_cpu_thread():
+    code = ("import bayes_prune, torch; torch.set_num_threads(2); "
+            "x = torch.full((4096, 64), 1e-39); print(float((x @ torch.ones(64, 64)).abs().max()), "
+            "float(x[0, 0] * 1.0))")
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.split() == ["0.0", "0.0"], out.stderr
