@@ -39,13 +39,6 @@ def quote_numeric_choices(argv: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    try:
-        typed = validate(cfg)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        if not multirun:
-            sys.exit(2)
-        raise
     n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None) if multirun else None
     if n_jobs is not None and n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...
         n_jobs = (os.cpu_count() or 1) + 1 + n_jobs
@@ -56,13 +49,15 @@ def main(cfg: DictConfig) -> float:
         parallel_jobs=max(1, n_jobs or 1),
         lock_dir=Path(hc.sweep.dir) / ".gpu_locks" if multirun else None,
     )
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     try:
-        record = run_experiment(typed, config, job)
+        typed = validate(cfg)  # before any data is loaded
+        record = run_experiment(typed, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), job)
     except (ConfigError, DataError) as exc:
-        if not multirun:
+        if isinstance(exc, ConfigError):  # a DataError is logged by run_experiment
+            log.error("%s", exc)
+        if not multirun:  # one clear line and exit status 2 instead of a traceback
             sys.exit(2)
-        raise exc
+        raise
     return float(record["final"]["test_acc"])
 
 

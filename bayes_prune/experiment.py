@@ -125,6 +125,8 @@ def run_experiment(cfg: Config, config: dict, job: JobContext) -> dict:
             bars = use_bars(cfg.trainer.progress, job.multirun)
             with logging_redirect_tqdm() if bars else nullcontext():
                 _train(cfg, record, job, device, bars)
+    except ConfigError:  # the directory belongs to another run: leave its files alone
+        raise
     except BaseException as exc:
         record.update(status="failed", updated_at=_now(), error={
             "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()})
