@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .config import DatasetConfig, DatasetName
 
@@ -111,10 +112,17 @@ def _load_digits() -> Data:
 
 
 def _make_synthetic(cfg: DatasetConfig) -> Data:
-    """Class prototypes plus Gaussian noise; learnable, of any image shape, fixed by its own seed."""
+    """Class prototypes plus Gaussian noise; learnable, of any image shape, fixed by its own seed.
+
+    Prototypes are smooth (a coarse random grid, upsampled) so that a CNN's local filters and
+    pooling can learn them as well as an FCN can; white-noise prototypes are lost to max-pooling.
+    """
     g = torch.Generator().manual_seed(12345)
     shape = tuple(cfg.shape)
-    prototypes = torch.randn((cfg.num_classes, *shape), generator=g)
+    channels, height, width = shape
+    coarse = torch.randn((cfg.num_classes, channels, min(4, height), min(4, width)), generator=g)
+    prototypes = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    prototypes = prototypes / prototypes.std()
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.randint(cfg.num_classes, (n,), generator=g)
