@@ -102,6 +102,19 @@ def test_lagged_gate_prunes_first_then_follows_previous_log_bf(tmp_path):
             assert cur["test_acc"] == cur["test_acc_before_prune"]
 
 
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_lagged_oneshot_bayes_arm_equals_its_baseline_run_for_run(tmp_path, method):
+    # The replication reading (methods.md A10, A11, §1.6): the first prune is unconditional and
+    # reaches the target; every later candidate equals the mask, so log BF = 0 and the gate is moot.
+    base = run(tmp_path, [f"pruner={method}", "sparsity='75'"], "base")
+    bayes = run(tmp_path, [f"pruner=bayes_{method}", "sparsity='75'"], "bayes")
+    assert [h["gate_open"] for h in bayes["history"]] == [True, False, False]
+    assert all(h["log_bf"] == 0.0 for h in bayes["history"][1:])
+    keys = ("train_loss", "test_acc", "test_loss", "log_likelihood", "log_bf", "sparsity")
+    assert ([{k: h[k] for k in keys} for h in base["history"]]
+            == [{k: h[k] for k in keys} for h in bayes["history"]])
+
+
 def test_tentative_gate_only_applies_prunes_with_positive_log_bf(tmp_path):
     record = run(tmp_path, ["pruner=bayes_random", "pruner.gate=tentative", "sparsity='99'"])
     for h in record["history"]:
