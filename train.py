@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -13,26 +12,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from bayes_prune.cli import quote_numeric_choices
 from bayes_prune.config import ConfigError, register_configs, validate
 from bayes_prune.data import DataError
 from bayes_prune.experiment import JobContext, run_experiment
 
 register_configs()
 log = logging.getLogger("bayes_prune")
-NUMERIC_CHOICE = re.compile(r"^(sparsity)=(\d+(?:\.\d+)?(?:,\d+(?:\.\d+)?)*)$")
-
-
-def quote_numeric_choices(argv: list[str]) -> list[str]:
-    """`sparsity=25,50` -> `sparsity='25','50'`.
-
-    Hydra parses a bare number as an int, and an int cannot select a config-group option
-    ("Config group override must be a string"), yet the sparsity options are named by number.
-    """
-    out = []
-    for arg in argv:
-        m = NUMERIC_CHOICE.match(arg)
-        out.append(f"{m[1]}=" + ",".join(f"'{v}'" for v in m[2].split(",")) if m else arg)
-    return out
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -50,8 +36,7 @@ def main(cfg: DictConfig) -> float:
         lock_dir=Path(hc.sweep.dir) / ".gpu_locks" if multirun else None,
     )
     try:
-        typed = validate(cfg)  # before any data is loaded
-        record = run_experiment(typed, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), job)
+        record = run_experiment(validate(cfg), job)  # validation comes before any data is loaded
     except (ConfigError, DataError) as exc:
         if isinstance(exc, ConfigError):  # a DataError is logged by run_experiment
             log.error("%s", exc)

@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m analysis", description="Table 1, figures and report for bayes_prune runs.")
     parser.add_argument("runs_dir", type=Path, help="directory searched for */metrics.json")
     parser.add_argument("--out", type=Path, default=None, help="default: RUNS_DIR/analysis")
-    parser.add_argument("--variant", default="",
-                        help='settings variant to tabulate, e.g. "mask=regrow" (default: "")')
+    parser.add_argument("--variant", default=None,
+                        help='only this row variant, e.g. "lr=0.01" ("" = the most common '
+                             'settings; default: every variant, one table row each)')
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     args = parser.parse_args(argv)
 

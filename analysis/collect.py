@@ -4,26 +4,27 @@ Broken runs are reported, never raised: an unreadable `metrics.json`, an unsuppo
 failed or a still-running run each get a row in `Collected.problems` with the reason. Readable runs
 (done, running or failed) are in `runs` with their `status`; the table and figures use only `done`.
 
-The `variant` column names the settings in which a run differs from the paper's defaults, as
-comma-separated `key=value` pairs in a fixed order, "" when it differs in none of them:
+Which runs are seeds of one cell is derived from the recorded configs: two runs belong to the same
+cell iff their result-relevant configs (`bayes_prune.schema.result_config`) are equal up to the
+seed. The settings in which a cell differs from its neighbours are named in two labels:
 
-    gate          bayes_* default lagged; baselines none        (e.g. "gate=tentative")
-    beta          bayes_* only, default 1
-    schedule      pruned runs only, default oneshot
-    mask          pruned runs only, default persistent
-    prune_output  pruned runs only, default false
-    prior         default gaussian; then sigma (gaussian, default 1) or scale (laplace, default 1)
-    objective     default posterior
-    epochs        default: the most common value among the collected runs of the same
-                  (dataset, model), so a quick grid with few epochs still has variant ""
+    variant         the non-pruner settings (trainer.lr=0.01, dataset.train_subset=1000, ...)
+                    that differ from the most common value among the runs of the same (dataset,
+                    model, pruner), or every value of a setting when no value is the most common;
+                    one table row per variant
+    pruner_variant  the pruner settings (gate=tentative, schedule=gradual) that differ likewise;
+                    the pruner's table column gets them as a suffix
 
-Runs that agree on (dataset, model, pruner, sparsity_target, variant) are seeds of one cell.
+Labels use a key's last component (`lr`, `gate`) unless two varying keys share it. A run with the
+same result config and seed as an earlier one is a duplicate: it is listed as a problem and not
+counted again.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +32,13 @@ from typing import Any
 
 import pandas as pd
 
-SCHEMA_VERSION = 1
-KEYS = ["dataset", "model", "pruner", "sparsity_target", "variant", "seed"]
-PRUNER_ONLY_KEYS = ("gate", "beta", "schedule", "mask", "prune_output")
-HISTORY_FIELDS = [
-    "train_loss", "train_acc", "test_loss", "test_acc", "test_loss_before_prune",
-    "test_acc_before_prune", "log_prior", "log_likelihood", "log_bf", "gate_open", "pruned",
-    "target_sparsity", "sparsity", "epoch_seconds", "evidence_seconds",
-]
+from bayes_prune.schema import SCHEMA_VERSION, flatten, result_config, upgrade
+
+KEYS = ["dataset", "model", "pruner", "sparsity_target", "variant", "pruner_variant", "seed"]
+IDENTITY = {"dataset.name": "dataset", "model.name": "model", "pruner.name": "pruner",
+            "sparsity.percent": "sparsity_target", "seed": "seed"}
+SCALAR_CONFIG = {"pruner.method": "method", "pruner.gate": "gate", "trainer.epochs": "epochs",
+                 "trainer.lr": "lr", "trainer.batch_size": "batch_size"}
 FINAL_COLUMNS = ["test_acc", "test_loss", "sparsity", "compression", "params_total",
                  "params_nonzero", "wall_seconds", "epoch_target_reached"]
 PROBLEM_COLUMNS = ["run_dir", "status", "reason"]
@@ -47,14 +47,15 @@ PROBLEM_COLUMNS = ["run_dir", "status", "reason"]
 @dataclass
 class Collected:
     runs: pd.DataFrame  # one row per readable run
-    history: pd.DataFrame  # one row per (run, epoch)
+    history: pd.DataFrame  # one row per (run, history record)
     problems: pd.DataFrame  # run_dir, status, reason
 
     def status_counts(self) -> dict[str, int]:
         counts = self.runs["status"].value_counts().to_dict() if len(self.runs) else {}
-        unreadable = int((self.problems["status"] == "unreadable").sum())
-        if unreadable:
-            counts["unreadable"] = unreadable
+        for status in ("unreadable", "duplicate"):
+            n = int((self.problems["status"] == status).sum())
+            if n:
+                counts[status] = n
         return {str(k): int(v) for k, v in sorted(counts.items())}
 
 
@@ -65,68 +66,12 @@ def _num(value: Any, default: float) -> float:
         return default
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
-
-
-def _flatten_config(cfg: dict) -> dict[str, Any]:
-    pruner = cfg.get("pruner") or {}
-    prior = cfg.get("prior") or {}
-    trainer = cfg.get("trainer") or {}
-    return {
-        "dataset": str((cfg.get("dataset") or {}).get("name", "?")),
-        "model": str((cfg.get("model") or {}).get("name", "?")),
-        "pruner": str(pruner.get("name", "?")),
-        "method": str(pruner.get("method", "none")),
-        "gate": str(pruner.get("gate", "none")),
-        "beta": _num(pruner.get("beta"), 1.0),
-        "schedule": str(pruner.get("schedule", "oneshot")),
-        "mask": str(pruner.get("mask", "persistent")),
-        "prune_output": bool(pruner.get("prune_output", False)),
-        "prior": str(prior.get("name", "gaussian")),
-        "sigma": _num(prior.get("sigma"), 1.0),
-        "scale": _num(prior.get("scale"), 1.0),
-        "objective": str(trainer.get("objective", "posterior")),
-        "sparsity_target": _num((cfg.get("sparsity") or {}).get("percent"), 0.0),
-        "epochs": int(_num(trainer.get("epochs"), 0)),
-        "lr": _num(trainer.get("lr"), math.nan),
-        "batch_size": int(_num(trainer.get("batch_size"), 0)),
-    }
-
-
-def variant_parts(row: dict[str, Any], default_epochs: int | None = None) -> list[str]:
-    """The `key=value` pairs in which a run's settings differ from the defaults (see module doc)."""
-    parts = []
-    pruner = row["pruner"]
-    bayes = pruner.startswith("bayes_")
-    pruned = pruner != "none"
-    if pruned and row["gate"] != ("lagged" if bayes else "none"):
-        parts.append(f"gate={row['gate']}")
-    if bayes and row["beta"] != 1.0:
-        parts.append(f"beta={_fmt(row['beta'])}")
-    if pruned and row["schedule"] != "oneshot":
-        parts.append(f"schedule={row['schedule']}")
-    if pruned and row["mask"] != "persistent":
-        parts.append(f"mask={row['mask']}")
-    if pruned and row["prune_output"]:
-        parts.append("prune_output=true")
-    if row["prior"] != "gaussian":
-        parts.append(f"prior={row['prior']}")
-    if row["prior"] == "gaussian" and row["sigma"] != 1.0:
-        parts.append(f"sigma={_fmt(row['sigma'])}")
-    if row["prior"] == "laplace" and row["scale"] != 1.0:
-        parts.append(f"scale={_fmt(row['scale'])}")
-    if row["objective"] != "posterior":
-        parts.append(f"objective={row['objective']}")
-    if default_epochs is not None and row["epochs"] != default_epochs:
-        parts.append(f"epochs={row['epochs']}")
-    return parts
-
-
-def strip_keys(variant: str, keys: Iterable[str]) -> str:
-    """`variant` without the pairs whose key is in `keys`."""
-    keys = set(keys)
-    return ",".join(p for p in variant.split(",") if p and p.split("=", 1)[0] not in keys)
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _read(path: Path) -> tuple[dict | None, str | None]:
@@ -136,8 +81,11 @@ def _read(path: Path) -> tuple[dict | None, str | None]:
         return None, f"unreadable metrics.json: {type(exc).__name__}: {exc}"
     if not isinstance(data, dict):
         return None, "unreadable metrics.json: top level is not an object"
+    data = upgrade(data)
     if data.get("schema_version") != SCHEMA_VERSION:
         return None, f"unsupported schema_version {data.get('schema_version')!r}"
+    if not isinstance(data.get("config"), dict):
+        return None, "metrics.json has no config"
     return data, None
 
 
@@ -152,22 +100,31 @@ def find_metrics(root: str | Path, exclude: Iterable[str | Path] = ()) -> list[P
                   if p.is_file() and not _is_within(p.resolve(), excluded))
 
 
+def _settings(config: dict) -> dict[str, Any]:
+    """Result-relevant config entries other than the ones that name the cell's position."""
+    return {k: v for k, v in result_config(config).items() if k not in IDENTITY}
+
+
 def collect(root: str | Path, exclude: Iterable[str | Path] = ()) -> Collected:
     """Collect all runs under `root` (any depth); directories in `exclude` are skipped."""
     rows: list[dict[str, Any]] = []
     hist: list[dict[str, Any]] = []
     problems: list[dict[str, Any]] = []
+    settings: list[dict[str, Any]] = []
     for path in find_metrics(root, exclude):
         run_dir = str(path.parent)
         data, reason = _read(path)
         if data is None:
             problems.append({"run_dir": run_dir, "status": "unreadable", "reason": reason})
             continue
-        row = _flatten_config(data.get("config") or {})
-        row["seed"] = int(_num(data.get("seed", (data.get("config") or {}).get("seed")), -1))
-        row["status"] = str(data.get("status", "unknown"))
-        row["run_dir"] = run_dir
-        row["device"] = data.get("device")
+        config = data["config"]
+        flat = flatten(config)
+        row: dict[str, Any] = {col: flat.get(key) for key, col in IDENTITY.items() | SCALAR_CONFIG.items()}
+        row.update(dataset=str(row["dataset"]), model=str(row["model"]), pruner=str(row["pruner"]),
+                   sparsity_target=_num(row["sparsity_target"], 0.0),
+                   seed=int(_num(data.get("seed", row["seed"]), -1)),
+                   status=str(data.get("status", "unknown")), run_dir=run_dir,
+                   device=data.get("device"))
         history = [h for h in data.get("history") or [] if isinstance(h, dict)]
         final = data.get("final") or {}
         for key, value in final.items():
@@ -175,15 +132,16 @@ def collect(root: str | Path, exclude: Iterable[str | Path] = ()) -> Collected:
                 row["epochs_run" if key == "epochs" else key] = value
         row.setdefault("epochs_run", len(history))
         rows.append(row)
+        settings.append(_settings(config))
         for h in history:
-            hist.append({"run_dir": run_dir, "epoch": h.get("epoch")}
-                        | {k: h.get(k) for k in HISTORY_FIELDS})
+            hist.append({"run_dir": run_dir} | {k: v for k, v in h.items()
+                                                if not isinstance(v, dict | list)})
 
         if row["status"] == "failed":
             err = data.get("error") or {}
             reason = f"failed: {err.get('type', '?')}: {err.get('message', '')}".strip()
         elif row["status"] == "running":
-            reason = f"running: {len(history)}/{row['epochs']} epochs logged"
+            reason = f"running: {len(history)} records logged"
         elif row["status"] == "done" and not final:
             reason = "done but has no final metrics"
             row["status"] = "incomplete"
@@ -200,25 +158,55 @@ def collect(root: str | Path, exclude: Iterable[str | Path] = ()) -> Collected:
         if column not in runs:
             runs[column] = math.nan
     if len(runs):
-        runs = _add_variant(runs)
+        runs["variant"], runs["pruner_variant"], runs["cell"] = _labels(runs, settings)
+        runs, dups = _drop_duplicates(runs)
+        problems += dups
         runs = runs.sort_values(["dataset", "model", "pruner", "sparsity_target", "variant",
-                                 "seed", "run_dir"], ignore_index=True)
+                                 "pruner_variant", "seed", "run_dir"], ignore_index=True)
     else:
         runs = pd.DataFrame(columns=[*KEYS, "status", "run_dir", *FINAL_COLUMNS])
-    history = pd.DataFrame(hist, columns=["run_dir", "epoch", *HISTORY_FIELDS])
+    history = pd.DataFrame(hist) if hist else pd.DataFrame(columns=["run_dir", "epoch"])
     if len(runs):
         history = runs[[*KEYS, "status", "run_dir"]].merge(history, on="run_dir", how="inner")
-        history = history.sort_values(["run_dir", "epoch"], ignore_index=True)
+        order = [c for c in ("run_dir", "cycle") if c in history]
+        history = history.sort_values(order, kind="stable", ignore_index=True)
     return Collected(runs, history, pd.DataFrame(problems, columns=PROBLEM_COLUMNS))
 
 
-def _add_variant(runs: pd.DataFrame) -> pd.DataFrame:
-    # Most common epochs per (dataset, model); ties go to the larger value.
-    modal = {key: int(g.value_counts().sort_index(ascending=False).idxmax())
-             for key, g in runs.groupby(["dataset", "model"])["epochs"]}
-    runs = runs.copy()
-    runs["variant"] = [
-        ",".join(variant_parts(r, modal[(r["dataset"], r["model"])]))
-        for r in runs.to_dict("records")
-    ]
-    return runs
+def _labels(runs: pd.DataFrame, settings: list[dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """(variant, pruner_variant, cell key) per run; see the module doc."""
+    groups = list(zip(runs["dataset"], runs["model"], runs["pruner"], strict=True))
+    modal: dict[tuple, dict[str, Any]] = {}
+    for group in set(groups):
+        members = [s for g, s in zip(groups, settings, strict=True) if g == group]
+        keys = set().union(*members)
+        modal[group] = {}
+        for key in keys:
+            top = Counter(_fmt(m.get(key)) for m in members).most_common(2)
+            if len(top) == 1 or top[0][1] > top[1][1]:  # a tie has no reference: label all
+                modal[group][key] = top[0][0]
+    differing = [{k: v for k, v in s.items() if _fmt(v) != modal[g].get(k)}
+                 for g, s in zip(groups, settings, strict=True)]
+    varying = set().union(*differing)
+    short = Counter(k.rsplit(".", 1)[-1] for k in varying)
+
+    def label(d: dict[str, Any]) -> str:
+        return ",".join(f"{k.rsplit('.', 1)[-1] if short[k.rsplit('.', 1)[-1]] == 1 else k}={_fmt(v)}"
+                        for k, v in sorted(d.items()))
+
+    variant = [label({k: v for k, v in d.items() if not k.startswith("pruner.")}) for d in differing]
+    pruner_variant = [label({k: v for k, v in d.items() if k.startswith("pruner.")}) for d in differing]
+    cells = [json.dumps({k: _fmt(v) for k, v in sorted(s.items())}) for s in settings]
+    return variant, pruner_variant, cells
+
+
+def _drop_duplicates(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Keep the first done run of every (cell, seed); later ones are problems, not counted."""
+    key = ["dataset", "model", "pruner", "sparsity_target", "cell", "seed"]
+    done = runs["status"] == "done"
+    dup = done & runs[done].duplicated(key, keep="first").reindex(runs.index, fill_value=False)
+    first = runs[done & ~dup].set_index(key)["run_dir"]
+    problems = [{"run_dir": r["run_dir"], "status": "duplicate",
+                 "reason": f"duplicate of {first.loc[tuple(r[k] for k in key)]} (same config and seed; "
+                           "not counted again)"} for _, r in runs[dup].iterrows()]
+    return runs[~dup].reset_index(drop=True), problems

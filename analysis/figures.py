@@ -2,7 +2,8 @@
 
 Figures are built on `matplotlib.figure.Figure` directly, so no GUI backend or pyplot state is
 involved (PNG goes through Agg). Lines are means over seeds with a ±1 std band; only done runs of
-the selected variant are drawn (see `table.label_runs`).
+one row variant are drawn per figure (see `table.label_runs`), and every variant present gets its
+own figures (file names end in the variant). Curves are drawn over the train phase's epochs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from .table import (
     DATASET_ORDER,
     MODEL_ORDER,
     PAPER_COLUMN,
-    TENTATIVE,
     column_order,
     label_runs,
     load_paper,
@@ -27,8 +27,8 @@ from .table import (
 
 COLOURS = {"Unpruned": "black", "Random": "tab:blue", "Bayes Random": "tab:orange",
            "Magnitude": "tab:green", "Bayes Magnitude": "tab:red",
-           "Random" + TENTATIVE: "tab:cyan", "Bayes Random" + TENTATIVE: "tab:brown",
-           "Bayes Magnitude" + TENTATIVE: "tab:purple"}
+           "Random (gate=tentative)": "tab:cyan", "Bayes Random (gate=tentative)": "tab:brown",
+           "Bayes Magnitude (gate=tentative)": "tab:purple"}
 DPI = 150
 
 
@@ -61,6 +61,13 @@ def _empty(ax, text: str = "no data") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
+def train_history(history: pd.DataFrame) -> pd.DataFrame:
+    """The train-phase epochs (all records of schema-1 runs, which had no phases)."""
+    if "phase" not in history:
+        return history
+    return history[history["phase"].isna() | (history["phase"] == "train")]
+
+
 def _keys(runs: pd.DataFrame):
     for dataset in ordered(runs["dataset"], DATASET_ORDER):
         d = runs[runs["dataset"] == dataset]
@@ -77,7 +84,7 @@ def learning_curves(runs: pd.DataFrame, history: pd.DataFrame, dataset: str, mod
     lab = label_runs(runs, variant)
     lab = lab[(lab["dataset"] == dataset) & (lab["model"] == model)
               & ((lab["sparsity_target"] == sparsity) | (lab["column"] == "Unpruned"))]
-    h = history.merge(lab[["run_dir", "column"]], on="run_dir")
+    h = train_history(history).merge(lab[["run_dir", "column"]], on="run_dir")
     hue_order = [c for c in column_order(lab["column"]) if c in set(lab["column"])]
     palette = _palette(hue_order)
 
@@ -101,6 +108,8 @@ def learning_curves(runs: pd.DataFrame, history: pd.DataFrame, dataset: str, mod
         sns.lineplot(data=data, x="epoch", y=y, hue="column", hue_order=hue_order,
                      palette=palette, errorbar="sd", ax=ax, legend=ax is ax_loss, **kw)
         ax.set(xlabel="epoch", ylabel=title.split(" (")[0])
+        if y == "log_bf":  # the first prune's log BF (~ -1e5) would flatten every later epoch
+            ax.set_yscale("symlog", linthresh=1.0)
     ax_sp.axhline(sparsity, color="grey", lw=0.8, ls=":")
     if ax_loss.get_legend():
         handles, labels = ax_loss.get_legend_handles_labels()
@@ -135,7 +144,7 @@ def acc_vs_epoch(runs: pd.DataFrame, history: pd.DataFrame, out_dir: str | Path,
             if col not in set(dm["column"]):
                 continue
             sel = dm[(dm["column"] == col) | (dm["column"] == "Unpruned")]
-            h = history.merge(sel[["run_dir", "column"]], on="run_dir")
+            h = train_history(history).merge(sel[["run_dir", "column"]], on="run_dir")
             h = h.assign(target=h["sparsity_target"].where(h["column"] != "Unpruned", 0.0))
             h["target"] = h["target"].map(lambda s: f"{s:g}%" if s else "0% (unpruned)")
             order = sorted(h["target"].unique(), key=lambda t: float(t.split("%")[0]))
@@ -196,9 +205,14 @@ def acc_vs_sparsity(runs: pd.DataFrame, out_dir: str | Path, variant: str = "",
 
 
 def all_figures(runs: pd.DataFrame, history: pd.DataFrame, out_dir: str | Path,
-                variant: str = "") -> list[Path]:
-    """Every figure above for every (dataset, model[, sparsity, pruner]) present."""
-    return (acc_vs_sparsity(runs, out_dir, variant)
-            + acc_vs_epoch(runs, history, out_dir, variant)
-            + all_learning_curves(runs, history, out_dir, variant))
+                variant: str | None = None) -> list[Path]:
+    """Every figure above for every (dataset, model[, sparsity, pruner]) present, for one row
+    variant or (None) for each variant present."""
+    done = runs[runs["status"] == "done"]
+    variants = sorted(set(done["variant"])) if variant is None else [variant]
+    paths: list[Path] = []
+    for v in variants:
+        paths += (acc_vs_sparsity(runs, out_dir, v) + acc_vs_epoch(runs, history, out_dir, v)
+                  + all_learning_curves(runs, history, out_dir, v))
+    return paths
 

@@ -1,12 +1,14 @@
-"""Table 1: final test accuracy per (dataset, model, target sparsity) and pruner, beside the paper.
+"""Table 1: final test accuracy per (dataset, model, variant, target sparsity) and pruner column.
 
 Only `status == "done"` runs count. Each cell holds the mean and the sample standard deviation
 (ddof=1; NaN for a single seed) of the final test accuracy over seeds, the run count `n`, the mean
 realised sparsity (percent of prunable weights), the paper's value and `diff = mean - paper`.
 Runs whose final accuracy is NaN are left out of the cell (and listed by `collect` as problems).
+Rows are told apart by `variant` (settings outside the pruner, e.g. `lr=0.01`), columns by the
+pruner and its `pruner_variant` (e.g. "Bayes Magnitude (gate=tentative)"); see `collect`.
 
-`table1` returns a wide frame: index (dataset, model, sparsity), columns (column, stat) with stat in
-`STATS`. `tidy` turns it into the CSV layout: one row per (dataset, model, sparsity, column).
+`table1` returns a wide frame: index (dataset, model, variant, sparsity), columns (column, stat)
+with stat in `STATS`. `tidy` turns it into the CSV layout: one row per index and column.
 """
 
 from __future__ import annotations
@@ -17,13 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .collect import PRUNER_ONLY_KEYS, strip_keys
-
 STATS = ["mean", "std", "n", "realised_sparsity", "paper", "diff"]
 LABELS = {"none": "Unpruned", "random": "Random", "bayes_random": "Bayes Random",
           "magnitude": "Magnitude", "bayes_magnitude": "Bayes Magnitude"}
 PAPER_COLUMN = {label: name if name != "none" else "unpruned" for name, label in LABELS.items()}
-TENTATIVE = " (tentative)"
 DATASET_ORDER = ["mnist", "fashion_mnist", "cifar10"]
 MODEL_ORDER = ["fcn", "cnn"]
 MISSING = "—"
@@ -43,40 +42,38 @@ def ordered(values, order: list[str]) -> list[str]:
     return [v for v in order if v in values] + sorted(values - set(order))
 
 
-def label_runs(runs: pd.DataFrame, variant: str = "") -> pd.DataFrame:
-    """Done runs of `variant` with a `column` label (Unpruned, Random, ..., Bayes X (tentative)).
+def base_label(pruner: str) -> str:
+    return LABELS.get(pruner, pruner)
 
-    The Unpruned and non-Bayes baselines have no gate/beta (and Unpruned no pruning settings), so
-    they match `variant` with those keys removed. Bayes runs with `gate=tentative` added to
-    `variant` get their own "(tentative)" column.
-    """
+
+def label_runs(runs: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:
+    """Done runs (of one row `variant`, or all when None) with their table `column`: the pruner's
+    label, with its `pruner_variant` in parentheses when it has one."""
     done = runs[runs["status"] == "done"]
-    tentative = "" if "gate=" in variant else ",".join(p for p in ["gate=tentative", variant] if p)
-    is_bayes = done["pruner"].str.startswith("bayes_")
-    want = done["pruner"].map(lambda p: variant if p.startswith("bayes_") else strip_keys(
-        variant, PRUNER_ONLY_KEYS if p == "none" else ("gate", "beta")))
-    label = done["pruner"].map(lambda p: LABELS.get(p, p))
-    base = done["variant"] == want
-    tent = is_bayes & (done["variant"] == tentative) & bool(tentative)
-    out = done[base | tent].copy()
-    out["column"] = label[base | tent].where(base[base | tent], label + TENTATIVE)
+    if variant is not None:
+        done = done[done["variant"] == variant]
+    out = done.copy()
+    out["column"] = [base_label(p) + (f" ({pv})" if pv else "")
+                     for p, pv in zip(out["pruner"], out["pruner_variant"], strict=True)]
     return out.reset_index(drop=True)
 
 
 def column_order(labels) -> list[str]:
-    """Table columns: the five paper columns, tentative ones beside their lagged columns."""
+    """Table columns: the five paper columns (when any paper-000 pruner is present), each followed
+    by its variants, then the other pruners' columns, each followed by its variants."""
+    labels = set(labels)
+    bases = {lab.split(" (")[0] for lab in labels}
+    paper_cols = list(LABELS.values()) if bases & set(LABELS.values()) else []
     cols = []
-    for base in LABELS.values():
-        cols.append(base)
-        if base + TENTATIVE in set(labels):
-            cols.append(base + TENTATIVE)
-    return cols + sorted(set(labels) - set(cols))
+    for base in paper_cols + sorted(bases - set(paper_cols)):
+        cols += [base] + sorted(lab for lab in labels if lab.startswith(base + " ("))
+    return cols
 
 
 def table1(runs: pd.DataFrame, paper: pd.DataFrame | None = None,
-           variant: str = "") -> pd.DataFrame:
+           variant: str | None = None) -> pd.DataFrame:
     """Wide Table 1 (see module doc). `paper=None` uses the packaged paper table; pass an empty
-    DataFrame to leave the paper columns empty."""
+    DataFrame to leave the paper columns empty. `variant` keeps one row variant only."""
     paper = load_paper() if paper is None else paper
     runs = label_runs(runs, variant)
     columns = column_order(runs["column"])
@@ -84,7 +81,7 @@ def table1(runs: pd.DataFrame, paper: pd.DataFrame | None = None,
     if len(paper):
         for r in paper.to_dict("records"):
             for label in columns:
-                key = PAPER_COLUMN.get(label.removesuffix(TENTATIVE))
+                key = PAPER_COLUMN.get(label.split(" (")[0])
                 if key in r:
                     paper_lookup[(r["dataset"], r["model"], float(r["sparsity"]), label)] = r[key]
 
@@ -92,21 +89,24 @@ def table1(runs: pd.DataFrame, paper: pd.DataFrame | None = None,
     for dataset in ordered(runs["dataset"], DATASET_ORDER):
         for model in ordered(runs.loc[runs["dataset"] == dataset, "model"], MODEL_ORDER):
             dm = runs[(runs["dataset"] == dataset) & (runs["model"] == model)]
-            pruned = dm[dm["column"] != "Unpruned"]
-            sparsities = sorted(pruned["sparsity_target"].unique()) or [0.0]
-            for s in sparsities:
-                rec: dict = {"dataset": dataset, "model": model, "sparsity": float(s)}
-                for col in columns:
-                    cell = dm[dm["column"] == col]
-                    if col != "Unpruned":
-                        cell = cell[cell["sparsity_target"] == s]
-                    rec |= {(col, k): v for k, v in _cell(cell).items()}
-                    ref = paper_lookup.get((dataset, model, float(s), col), math.nan)
-                    rec[(col, "paper")] = ref
-                    rec[(col, "diff")] = rec[(col, "mean")] - ref
-                records.append(rec)
+            for var in sorted(set(dm["variant"])):
+                dv = dm[dm["variant"] == var]
+                pruned = dv[dv["pruner"] != "none"]
+                sparsities = sorted(pruned["sparsity_target"].unique()) or [0.0]
+                for s in sparsities:
+                    rec: dict = {"dataset": dataset, "model": model, "variant": var,
+                                 "sparsity": float(s)}
+                    for col in columns:
+                        cell = dv[dv["column"] == col]
+                        if col != "Unpruned":
+                            cell = cell[cell["sparsity_target"] == s]
+                        rec |= {(col, k): v for k, v in _cell(cell).items()}
+                        ref = paper_lookup.get((dataset, model, float(s), col), math.nan)
+                        rec[(col, "paper")] = ref
+                        rec[(col, "diff")] = rec[(col, "mean")] - ref
+                    records.append(rec)
 
-    index = ["dataset", "model", "sparsity"]
+    index = ["dataset", "model", "variant", "sparsity"]
     wide = pd.DataFrame(records, columns=[*index, *[(c, s) for c in columns for s in STATS]])
     wide = wide.set_index(index)
     wide.columns = pd.MultiIndex.from_tuples(wide.columns, names=["column", "stat"])
@@ -162,6 +162,8 @@ def formatted(wide: pd.DataFrame, pm: str = "±", delta: str = "Δ") -> pd.DataF
     """One string per cell, index levels as leading columns (for Markdown and HTML)."""
     out = wide.index.to_frame(index=False)
     out["sparsity"] = out["sparsity"].map(lambda s: f"{s:g}")
+    if (out["variant"] == "").all():
+        out = out.drop(columns="variant")
     for col in wide.columns.get_level_values("column").unique():
         out[col] = [format_cell(r, pm, delta) for _, r in wide[col].iterrows()]
     return out
@@ -184,8 +186,8 @@ def _tex_escape(s: str) -> str:
 def to_latex(wide: pd.DataFrame) -> str:
     """A booktabs tabular: `mean ± std` with the paper value below in parentheses."""
     cols = list(wide.columns.get_level_values("column").unique())
-    lines = [r"\begin{tabular}{lll" + "c" * len(cols) + "}", r"\toprule",
-             " & ".join(["Dataset", "Model", "Sparsity (\\%)", *map(_tex_escape, cols)])
+    lines = [r"\begin{tabular}{llll" + "c" * len(cols) + "}", r"\toprule",
+             " & ".join(["Dataset", "Model", "Variant", "Sparsity (\\%)", *map(_tex_escape, cols)])
              + r" \\", r"\midrule"]
     for key, row in wide.iterrows():
         ours, refs = [], []
@@ -197,10 +199,11 @@ def to_latex(wide: pd.DataFrame) -> str:
                 std = "" if pd.isna(c["std"]) else rf" \pm {_f(c['std'])}"
                 ours.append(f"${_f(c['mean'])}{std}$")
             refs.append("" if pd.isna(c["paper"]) else f"({_f(c['paper'])})")
-        dataset, model, s = key
-        lines.append(" & ".join([_tex_escape(dataset), model, f"{s:g}", *ours]) + r" \\")
+        dataset, model, variant, s = key
+        lines.append(" & ".join([_tex_escape(dataset), _tex_escape(model), _tex_escape(variant),
+                                 f"{s:g}", *ours]) + r" \\")
         if any(refs):
-            lines.append(" & ".join(["", "", "", *refs]) + r" \\")
+            lines.append(" & ".join(["", "", "", "", *refs]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 

@@ -26,12 +26,12 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .config import DatasetConfig, DatasetName, ModelConfig, ModelName, PriorConfig
+from .config import DatasetConfig, DatasetName, PriorConfig
 from .data import DataError, load_data
 from .evidence import Evidence, add_prior_grad_
 from .masks import GradMasker, apply_masks, zero_optimizer_state
-from .models import build_model, eval_batch_size, prunable_layers, weight_layers
-from .pruners import magnitude_mask
+from .methods.bayes_factor import magnitude_mask
+from .models import CNNConfig, FCNConfig, build_model, eval_batch_size, prunable_layers, weight_layers
 from .trainer import make_optimizer, train_epoch
 
 MNIST_NORMALISE = ((0.1307,), (0.3081,))
@@ -95,10 +95,10 @@ def our_epoch(model, x, y, device) -> tuple[float, float]:
     opt = make_optimizer(model, 1e-3, device)
     layers = prunable_layers(model, prune_output=False)
     weights = [m.weight for m in weight_layers(model).values()]
-    masks = {n: magnitude_mask(m.weight, 0.9) for n, m in layers.items()}
-    apply_masks(layers, masks)
-    zero_optimizer_state(opt, layers, masks)
-    masker, prior = GradMasker(layers, masks), PriorConfig()
+    masks = {f"{n}.weight": magnitude_mask(m.weight, 0.9) for n, m in layers.items()}
+    apply_masks(model, masks)
+    zero_optimizer_state(opt, model, masks)
+    masker, prior = GradMasker(model, masks), PriorConfig()
 
     def before_step() -> None:
         masker()
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         dataset, source = plain_dataset(root, args.n_train)
         x, y = our_data(root, args.n_train, channels_last=name == "cnn")
-        cfg = ModelConfig(name=ModelName(name))
+        cfg = FCNConfig() if name == "fcn" else CNNConfig()
         plain, tensors, ours, evidence = [], [], [], []
         for _ in range(args.repeats):
             torch.manual_seed(0)

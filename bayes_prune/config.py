@@ -1,30 +1,35 @@
-"""Typed schemas behind every YAML option in `conf/`.
+"""Typed schemas behind every YAML option in `conf/`, and their registration with Hydra.
 
-Each config group has one dataclass registered in Hydra's ConfigStore as `<group>/base`; every YAML
-option starts with `defaults: [base]`, so a misspelt key or a wrong type fails at compose time.
-Enums make OmegaConf reject unknown choices with the list of valid ones. Ranges are checked in
-`__post_init__`, which runs when `validate()` turns the composed config into these objects, before
-any data is loaded.
+The fixed groups (dataset, prior, sparsity, trainer) have one dataclass each, stored in Hydra's
+ConfigStore as `<group>/base`. The open groups (model, pruner) have one dataclass per registered
+model or method, derived from `ModelConfig` / `MethodConfig` and stored as
+`schema/<group>/<key>`; a YAML option extends its schema with `defaults: [/schema/pruner/<key>@_here_]`.
+So a misspelt key, a key of another method, a wrong type or an unknown choice fails at compose time.
+Ranges are checked in `__post_init__`, which runs when `validate()` turns the composed config into
+these objects, before any data is loaded.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-SCHEMA_VERSION = 1
-
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the value and what is allowed."""
 
 
-def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+def check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"invalid value {key}={value!r}: expected {allowed}")
+
+
+def is_finite(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
 
 
 class DatasetName(str, Enum):
@@ -35,31 +40,11 @@ class DatasetName(str, Enum):
     synthetic = "synthetic"
 
 
-class ModelName(str, Enum):
-    fcn = "fcn"
-    cnn = "cnn"
-
-
-class Method(str, Enum):
-    none = "none"
-    random = "random"
-    magnitude = "magnitude"
-
-
-class Gate(str, Enum):
-    none = "none"  # always apply the candidate (the non-Bayes baselines)
-    lagged = "lagged"  # apply iff the previous epoch's log BF > log beta (first prune unconditional)
-    tentative = "tentative"  # apply iff this candidate's log BF > log beta
-
-
-class Schedule(str, Enum):
-    oneshot = "oneshot"
-    gradual = "gradual"
-
-
-class MaskMode(str, Enum):
-    persistent = "persistent"
-    regrow = "regrow"
+class Phase(str, Enum):
+    train = "train"  # trainer.epochs epochs, with the method's end-of-epoch step (during-training pruning)
+    prune = "prune"  # post-training pruning with a calibration set of inputs and labels
+    finetune = "finetune"  # pruner.finetune_epochs epochs with the masks fixed
+    compress = "compress"  # the model is rebuilt smaller (units cut out)
 
 
 class PriorName(str, Enum):
@@ -68,8 +53,8 @@ class PriorName(str, Enum):
 
 
 class Objective(str, Enum):
-    posterior = "posterior"  # mean CE - log p(w) / n  (methods.md A6)
-    likelihood = "likelihood"  # mean CE only
+    posterior = "posterior"  # mean loss - log p(w) / n  (methods.md A6)
+    likelihood = "likelihood"  # mean loss only
 
 
 class Progress(str, Enum):
@@ -93,47 +78,49 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         for key in ("train_subset", "test_subset"):
             v = getattr(self, key)
-            _check(v is None or v >= 1, f"dataset.{key}", v, "null or an integer >= 1")
-        _check(len(self.shape) == 3 and all(s >= 1 for s in self.shape), "dataset.shape",
-               self.shape, "[channels, height, width] with every entry >= 1")
-        _check(self.num_classes >= 2, "dataset.num_classes", self.num_classes, "an integer >= 2")
-        _check(self.n_train >= 1, "dataset.n_train", self.n_train, "an integer >= 1")
-        _check(self.n_test >= 1, "dataset.n_test", self.n_test, "an integer >= 1")
-        _check(self.noise >= 0, "dataset.noise", self.noise, "a number >= 0")
+            check(v is None or v >= 1, f"dataset.{key}", v, "null or an integer >= 1")
+        check(len(self.shape) == 3 and all(s >= 1 for s in self.shape), "dataset.shape",
+              self.shape, "[channels, height, width] with every entry >= 1")
+        check(self.num_classes >= 2, "dataset.num_classes", self.num_classes, "an integer >= 2")
+        check(self.n_train >= 1, "dataset.n_train", self.n_train, "an integer >= 1")
+        check(self.n_test >= 1, "dataset.n_test", self.n_test, "an integer >= 1")
+        check(is_finite(self.noise) and self.noise >= 0, "dataset.noise", self.noise,
+              "a finite number >= 0")
 
 
 @dataclass
 class ModelConfig:
-    name: ModelName = ModelName.fcn
-    hidden: list[int] = field(default_factory=lambda: [512, 512, 512])
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn only
-    kernel_size: int = 3  # cnn only
+    """Base of every model schema (see `models.py`); `name` is the registered model."""
 
-    def __post_init__(self) -> None:
-        _check(all(h >= 1 for h in self.hidden), "model.hidden", self.hidden,
-               "a list of widths >= 1")
-        _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "model.channels",
-               self.channels, "a non-empty list of channel counts >= 1")
-        _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, "model.kernel_size",
-               self.kernel_size, "an odd integer >= 1")
+    name: str = "fcn"
 
 
 @dataclass
-class PrunerConfig:
+class MethodConfig:
+    """Base of every pruning method's schema (see `methods/`).
+
+    `name` is the option's name (`bayes_magnitude`), used in folders and tables; `method` is the
+    registered method that runs it (`magnitude`), fixed by the schema.
+    """
+
     name: str = "none"
-    method: Method = Method.none
-    gate: Gate = Gate.none
-    beta: float = 1.0  # Bayes-factor threshold: prune iff log BF > log(beta)
-    schedule: Schedule = Schedule.oneshot
-    ramp_start: int = 1  # gradual: first epoch that prunes
-    ramp_epochs: int = 10  # gradual: epochs over which the cubic ramp reaches the target
-    mask: MaskMode = MaskMode.persistent
+    method: str = "none"
+    phases: list[Phase] = field(default_factory=lambda: [Phase.train])
+    cycles: int = 1  # repeat `phases` up to this many times; a compress that removes nothing stops
+    finetune_epochs: int = 0
+    calibration_size: int = 1024  # training images (with labels) the prune phase sees
     prune_output: bool = False  # methods.md A8: the output layer is spared by default
 
     def __post_init__(self) -> None:
-        _check(self.beta > 0, "pruner.beta", self.beta, "a number > 0")
-        _check(self.ramp_start >= 1, "pruner.ramp_start", self.ramp_start, "an integer >= 1")
-        _check(self.ramp_epochs >= 1, "pruner.ramp_epochs", self.ramp_epochs, "an integer >= 1")
+        check(len(self.phases) >= 1, "pruner.phases", self.phases, "a non-empty list of phases")
+        check(self.cycles >= 1, "pruner.cycles", self.cycles, "an integer >= 1")
+        check(self.finetune_epochs >= 0, "pruner.finetune_epochs", self.finetune_epochs,
+              "an integer >= 0")
+        check(Phase.finetune not in self.phases or self.finetune_epochs >= 1,
+              "pruner.finetune_epochs", self.finetune_epochs,
+              "an integer >= 1 when pruner.phases has finetune")
+        check(self.calibration_size >= 1, "pruner.calibration_size", self.calibration_size,
+              "an integer >= 1")
 
 
 @dataclass
@@ -143,8 +130,10 @@ class PriorConfig:
     scale: float = 1.0  # laplace scale b
 
     def __post_init__(self) -> None:
-        _check(self.sigma > 0, "prior.sigma", self.sigma, "a number > 0")
-        _check(self.scale > 0, "prior.scale", self.scale, "a number > 0")
+        check(is_finite(self.sigma) and self.sigma > 0, "prior.sigma", self.sigma,
+              "a finite number > 0")
+        check(is_finite(self.scale) and self.scale > 0, "prior.scale", self.scale,
+              "a finite number > 0")
 
 
 @dataclass
@@ -152,13 +141,15 @@ class SparsityConfig:
     percent: float = 0.0  # target per-layer sparsity in percent
 
     def __post_init__(self) -> None:
-        _check(0 <= self.percent < 100, "sparsity.percent", self.percent, "a number in [0, 100)")
+        check(is_finite(self.percent) and 0 <= self.percent < 100, "sparsity.percent",
+              self.percent, "a number in [0, 100)")
 
 
 @dataclass
 class TrainerConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
+    weight_decay: float = 0.0  # Adam's L2 term, on every parameter
     batch_size: int = 64
     epochs: int = 25
     objective: Objective = Objective.posterior
@@ -168,16 +159,18 @@ class TrainerConfig:
     progress: Progress = Progress.auto
 
     def __post_init__(self) -> None:
-        _check(self.optimizer == "adam", "trainer.optimizer", self.optimizer, "'adam'")
-        _check(self.lr > 0, "trainer.lr", self.lr, "a number > 0")
-        _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
-        _check(self.threads >= 0, "trainer.threads", self.threads, "an integer >= 0")
-        _check(self.eval_batch_size is None or self.eval_batch_size >= 1,
-               "trainer.eval_batch_size", self.eval_batch_size, "null or an integer >= 1")
+        check(self.optimizer == "adam", "trainer.optimizer", self.optimizer, "'adam'")
+        check(is_finite(self.lr) and self.lr > 0, "trainer.lr", self.lr, "a finite number > 0")
+        check(is_finite(self.weight_decay) and self.weight_decay >= 0, "trainer.weight_decay",
+              self.weight_decay, "a finite number >= 0")
+        check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
+        check(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
+        check(self.threads >= 0, "trainer.threads", self.threads, "an integer >= 0")
+        check(self.eval_batch_size is None or self.eval_batch_size >= 1,
+              "trainer.eval_batch_size", self.eval_batch_size, "null or an integer >= 1")
         dev = self.device
-        _check(dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:")
-               and dev[5:].isdigit()), "trainer.device", dev, "auto, cpu, cuda, cuda:N or mps")
+        check(dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:")
+              and dev[5:].isdigit()), "trainer.device", dev, "auto, cpu, cuda, cuda:N or mps")
 
 
 @dataclass
@@ -187,8 +180,8 @@ class EvidenceConfig:
     subsample: int | None = None  # estimate log p(D|w) on a fixed random subset, scaled to n
 
     def __post_init__(self) -> None:
-        _check(self.subsample is None or self.subsample >= 1, "evidence.subsample",
-               self.subsample, "null or an integer >= 1")
+        check(self.subsample is None or self.subsample >= 1, "evidence.subsample",
+              self.subsample, "null or an integer >= 1")
 
 
 @dataclass
@@ -201,7 +194,7 @@ class PathsConfig:
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    pruner: MethodConfig = field(default_factory=MethodConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -212,28 +205,77 @@ class Config:
     resume: bool = True  # continue from the run directory's checkpoint; skip a finished run
 
     def __post_init__(self) -> None:
-        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 
-GROUPS = {
+FIXED_GROUPS = {
     "dataset": DatasetConfig,
-    "model": ModelConfig,
-    "pruner": PrunerConfig,
     "prior": PriorConfig,
     "sparsity": SparsityConfig,
     "trainer": TrainerConfig,
 }
 
 
+def _sparsity_folder(method: str, percent: float) -> str:
+    """The `sparsity=<s>` folder level: the target's value, 0 for methods that ignore it."""
+    from .methods import method_class
+
+    return f"{float(percent):g}" if method_class(method).uses_sparsity else "0"
+
+
 def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent; importing the methods registers them)."""
+    from .methods import METHODS
+    from .models import MODELS
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for group, schema in GROUPS.items():
+    for group, schema in FIXED_GROUPS.items():
         cs.store(group=group, name="base", node=schema)
+    for key, entry in MODELS.items():
+        cs.store(group="schema/model", name=key, node=entry.schema)
+    for key, cls in METHODS.items():
+        cs.store(group="schema/pruner", name=key, node=cls.config)
+    if not OmegaConf.has_resolver("bp_sparsity"):
+        OmegaConf.register_new_resolver("bp_sparsity", _sparsity_folder)
 
 
 def validate(cfg: DictConfig) -> Config:
-    """Resolve the composed config into typed objects; raises ConfigError on a bad value."""
+    """Resolve the composed config into typed objects; raises ConfigError on a bad value.
+
+    Methods that ignore the sparsity target get `sparsity.percent = 0`, so an unpruned run is one
+    run per seed whatever `sparsity=` a sweep passed (it lands in the `sparsity=0` folder).
+    """
+    from .methods import method_class
+
     obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    cls = method_class(obj.pruner.method)
+    if not isinstance(obj.pruner, cls.config):
+        raise ConfigError(f"invalid value pruner.method={obj.pruner.method!r}: the schema "
+                          f"{type(obj.pruner).__name__} belongs to another method")
+    cls.check(obj.pruner)
+    if not cls.uses_sparsity:
+        obj.sparsity.percent = 0.0
+    return obj
+
+
+def to_dict(cfg: Config) -> dict:
+    """The typed config as plain JSON-able data (what metrics.json records)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+def from_dict(config: dict) -> Config:
+    """A recorded config (metrics.json's `config`) back into typed objects."""
+    from .methods import method_class
+    from .models import MODELS
+
+    model = OmegaConf.merge(OmegaConf.structured(MODELS[config["model"]["name"]].schema), config["model"])
+    pruner = OmegaConf.merge(OmegaConf.structured(method_class(config["pruner"]["method"]).config),
+                             config["pruner"])
+    rest = OmegaConf.merge(OmegaConf.structured(Config),
+                           {k: v for k, v in config.items() if k not in ("model", "pruner")})
+    rest.model, rest.pruner = model, pruner
+    obj = OmegaConf.to_object(rest)
     assert isinstance(obj, Config)
     return obj

@@ -1,12 +1,15 @@
-"""Log prior, log likelihood and the log Bayes factor (methods.md §1.1).
+"""Log prior, log likelihood and the no-grad evaluation pass (methods.md §1.1).
 
 LP(w) = log p(D|w) + log p(w), with log p(D|w) = -sum_i CE_i over the training set, accumulated
-in float64. log BF = LP(w * m) - LP(w), compared in the log domain.
+in float64. log BF = LP(w * m) - LP(w), compared in the log domain. Predictions come from the
+method (`Method.predict`: logits or log-probabilities), so a moment-propagating network is
+evaluated the same way as a plain one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +38,23 @@ def add_prior_grad_(weights: list[torch.Tensor], prior: PriorConfig, n_train: in
         torch._foreach_add_(grads, torch._foreach_sign(weights), alpha=1.0 / (prior.scale * n_train))
 
 
+Predict = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, int]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             predict: Predict = logits_of) -> tuple[float, int]:
     """Summed cross-entropy (float64) and number of correct predictions over (x, y)."""
     was_training = model.training
     model.eval()
     ce = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size])
+        logits = predict(model, x[i : i + batch_size])
         yb = y[i : i + batch_size]
         ce += F.cross_entropy(logits.double(), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
@@ -59,15 +70,15 @@ class Evidence:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 subsample: int | None, seed: int) -> None:
+                 subsample: int | None, seed: int, predict: Predict = logits_of) -> None:
         self.n = len(x)
         if subsample is not None and subsample < self.n:
             g = torch.Generator().manual_seed(seed)
             idx = torch.randperm(self.n, generator=g)[:subsample].to(x.device)
             x, y = x[idx], y[idx]
-        self.x, self.y, self.batch_size = x, y, batch_size
+        self.x, self.y, self.batch_size, self.predict = x, y, batch_size, predict
         self.scale = self.n / len(x)
 
     def log_likelihood(self, model: nn.Module) -> float:
-        ce, _ = evaluate(model, self.x, self.y, self.batch_size)
+        ce, _ = evaluate(model, self.x, self.y, self.batch_size, self.predict)
         return -ce * self.scale

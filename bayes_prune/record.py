@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import SCHEMA_VERSION
+from .schema import SCHEMA_VERSION
 
 METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"

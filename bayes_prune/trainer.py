@@ -2,6 +2,7 @@
 
 Each epoch draws one permutation, gathers the training set into that order once, and slices
 contiguous batches from it. The optimizer is Adam with its fused kernel where the device has one.
+The loss comes from the method (`Method.loss`, cross-entropy on logits by default).
 """
 
 from __future__ import annotations
@@ -12,10 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# (model, x, y) -> (mean loss over the batch, logits or log-probabilities for the accuracy)
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def make_optimizer(model: nn.Module, lr: float, device: torch.device,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def train_epoch(
@@ -25,17 +36,18 @@ def train_epoch(
     y: torch.Tensor,
     batch_size: int,
     generator: torch.Generator,
+    loss_fn: LossFn = cross_entropy_loss,
     before_step: Callable[[], None] | None = None,
-    extra_loss: Callable[[], torch.Tensor] | None = None,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_batches: Callable[[int, float, float], None] | None = None,
     report_every: int | None = None,
 ) -> tuple[float, float]:
-    """Train one epoch; returns (mean cross-entropy, accuracy) over the epoch's batches.
+    """Train one epoch; returns (mean loss, accuracy) over the epoch's batches.
 
-    `extra_loss()` is added to the mean cross-entropy (e.g. a pruner's KL term).
-    `before_step` runs between backward and the optimizer step (gradient masking, prior gradient).
-    `on_batches(n_done, loss, acc)` is called every `report_every` batches for progress display
-    (default: about 20 times an epoch, at most every 50 batches).
+    `extra_loss(xb, yb)` is added to the batch loss (e.g. a method's KL term); the reported loss
+    leaves it out. `before_step` runs between backward and the optimizer step (gradient masking,
+    prior gradient). `on_batches(n_done, loss, acc)` is called every `report_every` batches for
+    progress display (default: about 20 times an epoch, at most every 50 batches).
     """
     model.train()
     n = len(x)
@@ -48,9 +60,8 @@ def train_epoch(
     for b in range(n_batches):
         xb = xp[b * batch_size : (b + 1) * batch_size]
         yb = yp[b * batch_size : (b + 1) * batch_size]
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
-        objective = loss if extra_loss is None else loss + extra_loss()
+        loss, logits = loss_fn(model, xb, yb)
+        objective = loss if extra_loss is None else loss + extra_loss(xb, yb)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         if before_step is not None:

@@ -44,7 +44,7 @@ def train_cmd(*args: str) -> list[str]:
     return [PYTHON, str(ROOT / "train.py"), *args]
 
 
-TIMING_KEYS = {"epoch_seconds", "evidence_seconds", "wall_seconds", "started_at", "updated_at", "run_dir",
+TIMING_KEYS = {"seconds", "evidence_seconds", "wall_seconds", "started_at", "updated_at", "run_dir",
                "threads"}
 
 

@@ -22,9 +22,10 @@ GATES = {"none": "none", "random": "none", "magnitude": "none",
 def write_run(root: Path, *, dataset: str = "mnist", model: str = "fcn", pruner: str = "none",
               sparsity: float = 0.0, seed: int = 0, test_acc: float = 0.9,
               realised: float | None = None, epochs: int = 3, status: str = "done",
-              gate: str | None = None, **pruner_kw) -> Path:
-    """Write a schema-1 metrics.json for one run and return its directory."""
-    run_dir = root / dataset / model / pruner / f"sparsity={sparsity:g}" / f"seed={seed}"
+              gate: str | None = None, lr: float = 1e-3, **pruner_kw) -> Path:
+    """Write a schema-1 metrics.json for one run (analysis reads old records) and return its
+    directory."""
+    run_dir = root / dataset / model / pruner / f"sparsity={sparsity:g}" / f"lr={lr:g}" / f"seed={seed}"
     gate = gate or GATES[pruner]
     if gate == "tentative":
         run_dir = run_dir.parent / "gate=tentative" / run_dir.name
@@ -36,7 +37,7 @@ def write_run(root: Path, *, dataset: str = "mnist", model: str = "fcn", pruner:
                    "prune_output": False} | pruner_kw,
         "prior": {"name": "gaussian", "sigma": 1.0, "scale": 1.0},
         "sparsity": {"percent": sparsity},
-        "trainer": {"epochs": epochs, "lr": 1e-3, "batch_size": 64, "objective": "posterior"},
+        "trainer": {"epochs": epochs, "lr": lr, "batch_size": 64, "objective": "posterior"},
         "seed": seed, "name": "test", "resume": True,
     }
     history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": test_acc, "test_loss": 1.2 / e,
@@ -85,35 +86,35 @@ def tree(tmp_path: Path) -> Path:
 def test_table_cells_match_hand_computation(tree: Path) -> None:
     col = collect(tree)
     assert len(col.runs) == 9 and col.problems.empty
-    assert set(col.runs["variant"]) == {""}
+    assert set(col.runs["variant"]) == {""} and set(col.runs["pruner_variant"]) == {""}
     t = table1(col.runs)
-    assert list(t.index) == [("mnist", "fcn", 50.0), ("mnist", "fcn", 90.0)]
+    assert list(t.index) == [("mnist", "fcn", "", 50.0), ("mnist", "fcn", "", 90.0)]
     assert list(t.columns.get_level_values(0).unique()) == [
         "Unpruned", "Random", "Bayes Random", "Magnitude", "Bayes Magnitude"]
 
-    bm = t.loc[("mnist", "fcn", 90.0), "Bayes Magnitude"]
+    bm = t.loc[("mnist", "fcn", "", 90.0), "Bayes Magnitude"]
     assert bm["mean"] == pytest.approx(statistics.mean(BM90))
     assert bm["std"] == pytest.approx(statistics.stdev(BM90))  # sample std, ddof=1
     assert bm["n"] == 3
     assert bm["realised_sparsity"] == pytest.approx(100 * (0.9 + 0.899 + 0.898) / 3)
     assert bm["paper"] == pytest.approx(0.9772)
     assert bm["diff"] == pytest.approx(statistics.mean(BM90) - 0.9772)
-    mag = t.loc[("mnist", "fcn", 90.0), "Magnitude"]
+    mag = t.loc[("mnist", "fcn", "", 90.0), "Magnitude"]
     assert mag["mean"] == pytest.approx(statistics.mean(MAG90)) and mag["paper"] == 0.9768
 
     # Unpruned is repeated on every sparsity row with the same statistics.
     for s in (50.0, 90.0):
-        un = t.loc[("mnist", "fcn", s), "Unpruned"]
+        un = t.loc[("mnist", "fcn", "", s), "Unpruned"]
         assert un["mean"] == pytest.approx(statistics.mean(UNPRUNED))
         assert un["std"] == pytest.approx(statistics.stdev(UNPRUNED))
         assert un["n"] == 2 and un["paper"] == pytest.approx(0.9782)
 
     # A single seed has no std; the CSV layout is one row per (dataset, model, sparsity, column).
-    rnd = t.loc[("mnist", "fcn", 50.0), "Random"]
+    rnd = t.loc[("mnist", "fcn", "", 50.0), "Random"]
     assert rnd["n"] == 1 and math.isnan(rnd["std"]) and rnd["paper"] == pytest.approx(0.9684)
     csv = tidy(t)
-    assert list(csv.columns) == ["dataset", "model", "sparsity", "column", "mean", "std", "n",
-                                 "realised_sparsity", "paper", "diff"]
+    assert list(csv.columns) == ["dataset", "model", "variant", "sparsity", "column", "mean", "std",
+                                 "n", "realised_sparsity", "paper", "diff"]
     assert len(csv) == 2 * 5
     md = to_markdown(t)
     assert f"{statistics.mean(BM90):.4f} ± {statistics.stdev(BM90):.4f} (n=3" in md
@@ -124,7 +125,7 @@ def test_only_done_runs_count_and_history_is_tidy(tree: Path) -> None:
     write_run(tree, pruner="bayes_magnitude", sparsity=90, seed=7, test_acc=0.1, status="running")
     col = collect(tree)
     assert col.status_counts() == {"done": 9, "running": 1}
-    assert table1(col.runs).loc[("mnist", "fcn", 90.0), ("Bayes Magnitude", "n")] == 3
+    assert table1(col.runs).loc[("mnist", "fcn", "", 90.0), ("Bayes Magnitude", "n")] == 3
     assert len(col.history) == 10 * 3
     assert {"dataset", "model", "pruner", "seed", "epoch", "test_acc", "log_bf"} <= set(
         col.history.columns)
@@ -146,8 +147,8 @@ def test_broken_runs_are_reported_and_outputs_still_render(tree: Path, tmp_path:
     assert col.status_counts() == {"done": 10, "failed": 1, "unreadable": 1}
 
     t = table1(col.runs)
-    assert t.loc[("mnist", "fcn", 90.0), ("Random", "n")] == 0
-    bm = t.loc[("mnist", "fcn", 90.0), "Bayes Magnitude"]
+    assert t.loc[("mnist", "fcn", "", 90.0), ("Random", "n")] == 0
+    bm = t.loc[("mnist", "fcn", "", 90.0), "Bayes Magnitude"]
     assert bm["n"] == 3 and bm["mean"] == pytest.approx(statistics.mean(BM90))
     paths = write_table1(t, tmp_path / "out")
     assert all(p.stat().st_size > 0 for p in paths)
@@ -168,34 +169,63 @@ def test_tentative_gate_gets_its_own_column(tree: Path) -> None:
         write_run(tree, pruner="bayes_magnitude", sparsity=90, seed=seed, test_acc=acc,
                   gate="tentative")
     col = collect(tree)
-    assert set(col.runs["variant"]) == {"", "gate=tentative"}
+    assert set(col.runs["pruner_variant"]) == {"", "gate=tentative"}
+    assert set(col.runs["variant"]) == {""}  # a pruner setting makes a column, not a row
     t = table1(col.runs)
     cols = list(t.columns.get_level_values(0).unique())
-    assert cols[-2:] == ["Bayes Magnitude", "Bayes Magnitude (tentative)"]
-    tent = t.loc[("mnist", "fcn", 90.0), "Bayes Magnitude (tentative)"]
+    assert cols[-2:] == ["Bayes Magnitude", "Bayes Magnitude (gate=tentative)"]
+    tent = t.loc[("mnist", "fcn", "", 90.0), "Bayes Magnitude (gate=tentative)"]
     assert tent["n"] == 2 and tent["mean"] == pytest.approx(0.962)
+    assert tent["paper"] == pytest.approx(0.9772)  # compared with the paper's Bayes column
     # The lagged column is unchanged by the tentative runs.
-    assert t.loc[("mnist", "fcn", 90.0), ("Bayes Magnitude", "n")] == 3
-    assert "Bayes Magnitude (tentative)" in to_latex(t)
+    assert t.loc[("mnist", "fcn", "", 90.0), ("Bayes Magnitude", "n")] == 3
+    assert "Bayes Magnitude (gate=tentative)" in to_latex(t)
 
 
-def test_variant_selection(tree: Path) -> None:
+def test_runs_differing_only_in_lr_are_separate_rows_never_averaged(tree: Path) -> None:
+    for seed, acc in enumerate([0.50, 0.52]):
+        write_run(tree, pruner="magnitude", sparsity=90, seed=seed, test_acc=acc, lr=0.01)
+    col = collect(tree)
+    assert set(col.runs["variant"]) == {"", "lr=0.01"}
+    t = table1(col.runs)
+    assert ("mnist", "fcn", "lr=0.01", 90.0) in t.index
+    fast = t.loc[("mnist", "fcn", "lr=0.01", 90.0)]
+    assert fast[("Magnitude", "n")] == 2 and fast[("Magnitude", "mean")] == pytest.approx(0.51)
+    assert fast[("Unpruned", "n")] == 0  # no unpruned run at lr=0.01
+    assert t.loc[("mnist", "fcn", "", 90.0), ("Magnitude", "mean")] == pytest.approx(
+        statistics.mean(MAG90))
+    only = table1(col.runs, variant="lr=0.01")
+    assert list(only.index) == [("mnist", "fcn", "lr=0.01", 90.0)]
+    assert "lr=0.01" in to_markdown(t)
+
+
+def test_a_pruner_setting_gets_its_own_column(tree: Path) -> None:
     write_run(tree / "regrow", pruner="magnitude", sparsity=90, seed=0, test_acc=0.5,
               mask="regrow")
+    t = table1(collect(tree).runs)
+    row = t.loc[("mnist", "fcn", "", 90.0)]
+    assert row[("Magnitude (mask=regrow)", "n")] == 1
+    assert row[("Magnitude (mask=regrow)", "mean")] == pytest.approx(0.5)
+    assert row[("Magnitude", "n")] == 3 and row[("Unpruned", "n")] == 2
+
+
+def test_the_same_run_in_two_directories_counts_once(tree: Path) -> None:
+    copy = write_run(tree / "zz_copy", pruner="magnitude", sparsity=90, seed=0, test_acc=0.1)
     col = collect(tree)
-    t = table1(col.runs, variant="mask=regrow")
-    row = t.loc[("mnist", "fcn", 90.0)]
-    assert row[("Magnitude", "n")] == 1 and row[("Magnitude", "mean")] == pytest.approx(0.5)
-    assert row[("Unpruned", "n")] == 2  # Unpruned runs have no mask setting
-    assert row[("Bayes Magnitude", "n")] == 0
-    assert table1(col.runs).loc[("mnist", "fcn", 90.0), ("Magnitude", "n")] == 3
+    assert t_n(col, "Magnitude") == 3
+    dup = col.problems[col.problems["status"] == "duplicate"]
+    assert dup["run_dir"].tolist() == [str(copy)]
+
+
+def t_n(col, column: str) -> int:
+    return int(table1(col.runs).loc[("mnist", "fcn", "", 90.0), (column, "n")])
 
 
 def test_missing_cells_and_datasets_without_paper_values(tree: Path) -> None:
     write_run(tree, dataset="digits", pruner="random", sparsity=75, test_acc=0.8)
     t = table1(collect(tree).runs)
     assert list(t.index.get_level_values("dataset").unique()) == ["mnist", "digits"]
-    digits = t.loc[("digits", "fcn", 75.0)]
+    digits = t.loc[("digits", "fcn", "", 75.0)]
     assert digits[("Random", "n")] == 1 and math.isnan(digits[("Random", "paper")])
     assert digits[("Unpruned", "n")] == 0 and math.isnan(digits[("Unpruned", "mean")])
 

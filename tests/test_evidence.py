@@ -10,8 +10,8 @@ from torch.distributions import Laplace, Normal
 from bayes_prune.config import PriorConfig, PriorName
 from bayes_prune.evidence import Evidence, add_prior_grad_, evaluate, log_prior
 from bayes_prune.masks import apply_masks, changes_weights
+from bayes_prune.methods.bayes_factor import magnitude_mask
 from bayes_prune.models import prunable_layers, weight_layers
-from bayes_prune.pruners import magnitude_mask
 
 
 def f64(v: float) -> torch.Tensor:
@@ -70,10 +70,11 @@ def test_log_bayes_factor_matches_a_direct_computation():
 
     before_direct = direct_lp()
     before = ev.log_likelihood(net) + log_prior(weights, prior)
-    cand = {n: magnitude_mask(m.weight, 0.5) for n, m in layers.items()}
-    zeroed_sq = sum(float(m.weight.detach()[~cand[n]].double().square().sum()) for n, m in layers.items())
+    cand = {f"{n}.weight": magnitude_mask(m.weight, 0.5) for n, m in layers.items()}
+    zeroed_sq = sum(float(m.weight.detach()[~cand[f"{n}.weight"]].double().square().sum())
+                    for n, m in layers.items())
     ce_before = -ev.log_likelihood(net)
-    apply_masks(layers, cand)
+    apply_masks(net, cand)
     after = ev.log_likelihood(net) + log_prior(weights, prior)
     log_bf = after - before
     assert before == pytest.approx(before_direct, rel=1e-12)
@@ -103,8 +104,8 @@ def test_subsampled_evidence_is_scaled_to_the_full_set_and_fixed():
 def test_a_candidate_equal_to_the_current_mask_changes_no_weight():
     net, _, _ = tiny_problem()
     layers = prunable_layers(net, prune_output=False)
-    cand = {n: magnitude_mask(m.weight, 0.5) for n, m in layers.items()}
-    assert changes_weights(layers, cand)
-    apply_masks(layers, cand)
-    again = {n: magnitude_mask(m.weight, 0.5) for n, m in layers.items()}
-    assert not changes_weights(layers, again)
+    cand = {f"{n}.weight": magnitude_mask(m.weight, 0.5) for n, m in layers.items()}
+    assert changes_weights(net, cand)
+    apply_masks(net, cand)
+    again = {f"{n}.weight": magnitude_mask(m.weight, 0.5) for n, m in layers.items()}
+    assert not changes_weights(net, again)

@@ -8,18 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from bayes_prune.config import Gate, PrunerConfig, Schedule
-from bayes_prune.masks import GradMasker, apply_masks, full_masks, layer_sparsity, zero_optimizer_state
-from bayes_prune.models import prunable_layers
-from bayes_prune.pruners import (
-    MagnitudePruner,
-    RandomPruner,
+from bayes_prune.masks import GradMasker, apply_masks, layer_sparsity, weight_masks, zero_optimizer_state
+from bayes_prune.methods.bayes_factor import (
+    Gate,
+    GatedConfig,
+    Schedule,
     gate_open,
     layer_target,
     magnitude_mask,
     random_mask,
     scheduled_rate,
 )
+from bayes_prune.models import prunable_layers
 
 
 def small_net(seed: int = 0) -> nn.Sequential:
@@ -29,30 +29,32 @@ def small_net(seed: int = 0) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("rate", [0.25, 0.5, 0.75, 0.9, 0.99])
-@pytest.mark.parametrize("pruner_cls", [RandomPruner, MagnitudePruner])
-def test_per_layer_sparsity_is_floor_rn_over_n_and_survives_adam_steps(rate, pruner_cls):
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_per_layer_sparsity_is_floor_rn_over_n_and_survives_adam_steps(rate, method):
     net = small_net()
     layers = prunable_layers(net, prune_output=False)
     gen = torch.Generator().manual_seed(0)
-    masks = pruner_cls(PrunerConfig()).propose(layers, full_masks(layers), rate, gen)
-    apply_masks(layers, masks)
+    propose = {"random": lambda w: random_mask(w, rate, gen), "magnitude": lambda w: magnitude_mask(w, rate)}
+    masks = {f"{n}.weight": propose[method](m.weight) for n, m in layers.items()}
+    assert set(masks) == set(weight_masks(layers))
+    apply_masks(net, masks)
     expected = {n: math.floor(rate * m.weight.numel()) / m.weight.numel() for n, m in layers.items()}
     assert layer_sparsity(layers) == pytest.approx(expected, abs=0)
 
     opt = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
-    masker = GradMasker(layers, masks)
+    masker = GradMasker(net, masks)
     x, y = torch.randn(64, 20), torch.randint(3, (64,))
     for step in range(20):
         if step == 10:  # state accumulated before a prune must not revive pruned weights either
-            zero_optimizer_state(opt, layers, masks)
+            zero_optimizer_state(opt, net, masks)
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
         masker()
         opt.step()
     assert layer_sparsity(layers) == pytest.approx(expected, abs=0)
     for n, m in layers.items():
-        assert torch.all(m.weight[~masks[n]] == 0)
-        assert torch.all(opt.state[m.weight]["exp_avg"][~masks[n]] == 0)
+        assert torch.all(m.weight[~masks[f"{n}.weight"]] == 0)
+        assert torch.all(opt.state[m.weight]["exp_avg"][~masks[f"{n}.weight"]] == 0)
 
 
 def test_output_layer_is_spared_unless_asked():
@@ -96,13 +98,13 @@ def test_layer_target_floors():
 
 
 def test_gradual_schedule_is_a_cubic_ramp_reaching_the_target():
-    cfg = PrunerConfig(schedule=Schedule.gradual, ramp_start=2, ramp_epochs=4)
+    cfg = GatedConfig(schedule=Schedule.gradual, ramp_start=2, ramp_epochs=4)
     rates = [scheduled_rate(cfg, 0.9, e) for e in range(1, 8)]
     assert rates[0] == 0.0
     assert rates[1] == pytest.approx(0.9 * (1 - 0.75**3))
     assert rates[4:] == [0.9, 0.9, 0.9]
     assert all(a <= b for a, b in zip(rates[:-1], rates[1:], strict=True))
-    assert scheduled_rate(PrunerConfig(), 0.9, 1) == 0.9
+    assert scheduled_rate(GatedConfig(), 0.9, 1) == 0.9
 
 
 def test_gates_decide_as_specified():

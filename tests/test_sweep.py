@@ -36,14 +36,33 @@ def test_joblib_sweep_runs_jobs_in_parallel_into_readable_dirs_and_analysis_tabu
     extra = "model.hidden=[64,64],trainer.epochs=2"  # non-default overrides name a level of their own
     assert sorted(found) == [f"multirun/grid/digits/fcn/{p}/sparsity={s}/{extra}/seed=0"
                              for p in ("bayes_magnitude", "random") for s in (50, 90)]
-    assert all(r["status"] == "done" and r["threads"] == 1 for r in found.values())
+    assert all(r["status"] == "done" and r["threads"] == threads_per_job(0, 2) for r in found.values())
     # two worker processes were busy at once: their epoch intervals overlap in time
     pids = {line.split("pid=")[1].split()[0] for line in proc.stdout.splitlines() if "pid=" in line}
     assert len(pids) == 2, proc.stdout[-2000:]
     col = collect(tmp_path)
     table = table1(col.runs, paper=None)
-    assert table.loc[("digits", "fcn", 90), ("Random", "n")] == 1
-    assert table.loc[("digits", "fcn", 50), ("Bayes Magnitude", "realised_sparsity")] == 50.0
+    assert table.loc[("digits", "fcn", "", 90), ("Random", "n")] == 1
+    assert table.loc[("digits", "fcn", "", 50), ("Bayes Magnitude", "realised_sparsity")] == 50.0
+
+
+def test_sweep_trains_unpruned_once_per_seed_and_tabulates_each_lr_as_its_own_row(tmp_path):
+    proc = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "name=cells",
+                 "pruner=none,magnitude", "sparsity=50,90", "seed=0,1", "trainer.lr=0.001,0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = runs(tmp_path)
+    unpruned = sorted(k for k in found if "/none/" in k)
+    assert len(found) == 4 + 8 and len(unpruned) == 4  # 2 seeds x 2 lr, not x 2 sparsities
+    assert all("/sparsity=0/" in k for k in unpruned)
+    table = table1(collect(tmp_path).runs, paper=None)
+    rows = {(v, s) for _, _, v, s in table.index}
+    # as many runs at each lr: neither is "the" setting, so both rows are labelled
+    assert rows == {("lr=0.001", 50), ("lr=0.001", 90), ("lr=0.01", 50), ("lr=0.01", 90)}
+    for v in ("lr=0.001", "lr=0.01"):
+        assert table.loc[("digits", "fcn", v, 50), ("Unpruned", "n")] == 2
+        assert table.loc[("digits", "fcn", v, 90), ("Magnitude", "n")] == 2
+    lrs = {v: table.loc[("digits", "fcn", v, 90), ("Magnitude", "mean")] for v in ("lr=0.001", "lr=0.01")}
+    assert lrs["lr=0.001"] != lrs["lr=0.01"]
 
 
 def test_sweep_killed_midway_resumes_without_redoing_finished_runs(tmp_path):

@@ -7,45 +7,53 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, compose_cfg, mnist_root, needs_mnist, strip_timings, to_dict, train_cmd
+from conftest import PYTHON, ROOT, compose_cfg, mnist_root, needs_mnist, strip_timings, train_cmd
 
 from bayes_prune.config import validate
+from bayes_prune.devices import auto_device
 from bayes_prune.experiment import JobContext, run_experiment
 from bayes_prune.models import build_model
 from bayes_prune.record import CHECKPOINT, MASKS, METRICS, WEIGHTS
+from bayes_prune.run import load_model
 
 TINY = ["dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.n_train=256", "dataset.n_test=128",
-        "model.hidden=[32,32]", "model.channels=[4,8]", "trainer.epochs=3", "trainer.progress=off"]
+        "model.hidden=[32,32]", "trainer.epochs=3", "trainer.progress=off"]
+MODELS = {"fcn": ["model=fcn"], "cnn": ["model=cnn", "model.channels=[4,8]"]}
 HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_loss_before_prune",
                 "test_acc_before_prune", "log_prior", "log_likelihood", "log_bf", "gate_open", "pruned",
-                "target_sparsity", "sparsity", "sparsity_per_layer", "epoch_seconds", "evidence_seconds"}
+                "target_sparsity", "sparsity", "sparsity_per_layer", "seconds", "evidence_seconds",
+                "phase", "cycle"}
 FINAL_KEYS = {"test_acc", "test_loss", "sparsity", "sparsity_per_layer", "params_total", "params_nonzero",
-              "compression", "wall_seconds", "flops_dense", "flops_nonzero", "epoch_target_reached"}
+              "params_dense", "compression", "wall_seconds", "macs_dense", "macs_nonzero",
+              "epoch_target_reached", "units_removed", "architecture"}
 
 
 def run(tmp_path, overrides: list[str], name: str = "run") -> dict:
     cfg = compose_cfg(TINY + overrides)
     job = JobContext(run_dir=tmp_path / name, overrides=overrides)
-    return run_experiment(validate(cfg), to_dict(cfg), job)
+    return run_experiment(validate(cfg), job)
 
 
 @pytest.mark.parametrize("model", ["fcn", "cnn"])
 def test_run_writes_complete_metrics_and_a_loadable_state_dict(tmp_path, model):
-    record = run(tmp_path, [f"model={model}", "pruner=bayes_magnitude", "sparsity='75'"])
+    record = run(tmp_path, [*MODELS[model], "pruner=bayes_magnitude", "sparsity='75'"])
     on_disk = json.loads((tmp_path / "run" / METRICS).read_text())
     assert on_disk == json.loads(json.dumps(record))
-    assert on_disk["schema_version"] == 1 and on_disk["status"] == "done" and on_disk["error"] is None
+    assert on_disk["schema_version"] == 2 and on_disk["status"] == "done" and on_disk["error"] is None
     assert on_disk["config"]["pruner"]["gate"] == "lagged" and on_disk["seed"] == 0
-    assert {"torch", "python", "bayes_prune"} <= set(on_disk["versions"]) and on_disk["device"] == "cpu"
+    assert {"torch", "python", "bayes_prune"} <= set(on_disk["versions"])
+    assert on_disk["device"] == str(auto_device())
     assert [h["epoch"] for h in on_disk["history"]] == [1, 2, 3]
     assert all(HISTORY_KEYS <= set(h) for h in on_disk["history"])
     final = on_disk["final"]
     assert FINAL_KEYS <= set(final)
-    assert final["compression"] == pytest.approx(final["params_total"] / final["params_nonzero"])
+    assert final["compression"] == pytest.approx(final["params_dense"] / final["params_nonzero"])
+    assert final["params_dense"] == final["params_total"]  # masked, not cut
 
-    cfg = validate(compose_cfg(TINY + [f"model={model}"]))
+    cfg = validate(compose_cfg(TINY + MODELS[model]))
     fresh = build_model(cfg.model, (1, 8, 8), 10)
     fresh.load_state_dict(torch.load(tmp_path / "run" / WEIGHTS, weights_only=True))
+    assert str(load_model(tmp_path / "run")) == str(fresh)
     masks = torch.load(tmp_path / "run" / MASKS, weights_only=True)
     layers = dict(fresh.named_modules())
     for name, per_layer in final["sparsity_per_layer"].items():
@@ -53,7 +61,7 @@ def test_run_writes_complete_metrics_and_a_loadable_state_dict(tmp_path, model):
         n = w.numel()
         assert per_layer == (n * 3 // 4) / n  # floor(0.75 n) / n, measured from the loaded weights
         assert float((w == 0).sum()) / n == per_layer
-        assert torch.all(w[~masks[name]] == 0)
+        assert torch.all(w[~masks[f"{name}.weight"]] == 0)
     assert (tmp_path / "run" / CHECKPOINT).exists()
 
 
@@ -74,6 +82,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     meta["status"] = "running"
     ckpt = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)
     ckpt["config"]["trainer"]["epochs"] = 3
+    ckpt["run"]["position"] = {"cycle": 1, "phase": 0, "epoch": 2}
     meta["config"]["trainer"]["epochs"] = 3
     torch.save(ckpt, tmp_path / "cut" / CHECKPOINT)
     (tmp_path / "cut" / METRICS).write_text(json.dumps(meta))
@@ -149,7 +158,7 @@ def test_failed_run_records_status_and_traceback(tmp_path):
 def test_fcn_on_real_mnist_reaches_95_percent_in_one_epoch(tmp_path):
     cfg = compose_cfg(["dataset=mnist", f"paths.data_dir={mnist_root()}", "pruner=bayes_magnitude",
                        "sparsity='50'", "trainer.epochs=1", "trainer.progress=off"])
-    record = run_experiment(validate(cfg), to_dict(cfg), JobContext(run_dir=tmp_path / "m", overrides=[]))
+    record = run_experiment(validate(cfg), JobContext(run_dir=tmp_path / "m", overrides=[]))
     assert record["final"]["test_acc"] > 0.95
     assert record["final"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
 

@@ -1,0 +1,165 @@
+"""The state of one run: model, optimizer, masks, data, generators, position, history.
+
+Methods change the state only through `set_masks` and `set_model`, so the mask mechanism, the
+optimizer and the size accounting stay consistent, and `state_dict` / `load_state_dict` capture
+everything a run needs to resume bit-identically, including a model whose units were cut out
+(its layer widths are stored and the model is rebuilt to them before its weights are loaded).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config, Objective, Phase
+from .data import Data
+from .evidence import add_prior_grad_, evaluate
+from .masks import GradMasker, Masks, apply_masks, weight_masks, zero_optimizer_state
+from .methods.base import Method, Step
+from .metrics import DenseReference
+from .models import eval_batch_size, has_conv, weight_layers
+from .record import METRICS, WEIGHTS
+from .structure import resize, widths
+from .trainer import make_optimizer, train_epoch
+
+
+@dataclass
+class Position:
+    """Where a run stands: cycle (1-based), index into `pruner.phases`, epochs done in that phase."""
+
+    cycle: int = 1
+    phase: int = 0
+    epoch: int = 0
+
+
+class RunState:
+    def __init__(self, cfg: Config, method: Method, data: Data, device: torch.device) -> None:
+        self.cfg, self.method, self.device = cfg, method, device
+        self.data = data
+        self.model = self._build()
+        if has_conv(self.model):  # convolutions (max-pooling 7x) are much faster channels-last on CPU
+            self.data = data.to(device, channels_last=True)
+        self.dense = DenseReference.of(self.model, data.input_shape)
+        self.eval_batch_size = eval_batch_size(self.model, device, cfg.trainer.eval_batch_size)
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self.prune_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+        self.position = Position()
+        self.history: list[dict] = []
+        self.wall_before = 0.0
+        self._bind()
+        self.masks: Masks = weight_masks(self.prunable)
+        self.grad_masker: GradMasker | None = GradMasker(self.model, self.masks)
+
+    def _build(self, target_widths: dict[str, int] | None = None) -> nn.Module:
+        data = self.data
+        model = self.method.build_model(self.cfg.model, data.input_shape, data.num_classes)
+        if target_widths:
+            model = resize(model, target_widths, data.input_shape)
+        fmt = torch.channels_last if has_conv(model) else torch.preserve_format
+        return model.to(self.device, memory_format=fmt)
+
+    def _bind(self) -> None:
+        """(Re)derive what depends on the model's parameters."""
+        self.optimizer = make_optimizer(self.model, self.cfg.trainer.lr, self.device,
+                                        self.cfg.trainer.weight_decay)
+        self.prunable = self.method.prunable(self.model)
+        self.prior_weights = [m.weight for m in weight_layers(self.model).values()]
+
+    # -- the only ways methods change the network -----------------------------------------------
+    def set_masks(self, masks: Masks, persistent: bool = True) -> None:
+        """Zero the masked entries and make `masks` the run's masks. Persistent masks are held:
+        Adam's moments of the pruned entries are cleared and their gradients masked every step."""
+        apply_masks(self.model, masks)
+        self.masks = masks
+        if persistent:
+            zero_optimizer_state(self.optimizer, self.model, masks)
+            self.grad_masker = GradMasker(self.model, masks)
+        else:
+            self.grad_masker = None
+
+    def set_model(self, model: nn.Module, masks: Masks | None = None) -> None:
+        """Replace the network (e.g. by a smaller one from `structure.cut`): a fresh optimizer,
+        and `masks` (default: all kept) on the new parameters."""
+        self.model = model.to(self.device)
+        self._bind()
+        self.masks = {}
+        self.set_masks(masks if masks is not None else weight_masks(self.prunable))
+
+    # -- training and evaluation ----------------------------------------------------------------
+    def train_epoch(self, epoch: int, phase: Phase, on_batches=None) -> tuple[float, float]:
+        cfg, method = self.cfg, self.method
+        posterior = cfg.trainer.objective is Objective.posterior
+        n_train = len(self.data.x_train)
+
+        def before_step() -> None:
+            if self.grad_masker is not None:
+                self.grad_masker()
+            if posterior:
+                add_prior_grad_(self.prior_weights, cfg.prior, n_train)
+
+        extra_loss = None
+        if method.has_penalty():
+            def extra_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+                return method.penalty(self.model, Step(xb, yb, epoch, phase, n_train))
+
+        return train_epoch(self.model, self.optimizer, self.data.x_train, self.data.y_train,
+                           cfg.trainer.batch_size, self.shuffle_gen, loss_fn=method.loss,
+                           before_step=before_step, extra_loss=extra_loss, on_batches=on_batches)
+
+    def evaluate(self) -> tuple[float, float]:
+        """(mean test loss, test accuracy) of the network as it stands."""
+        ce, correct = evaluate(self.model, self.data.x_test, self.data.y_test, self.eval_batch_size,
+                               self.method.predict)
+        n = len(self.data.y_test)
+        return ce / n, correct / n
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Output units of the hidden weight layers where they differ from the dense network."""
+        return {n: w for n, w in widths(self.model).items() if w != self.dense.units.get(n)}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "position": asdict(self.position), "widths": self.widths,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "masks": self.masks, "shuffle_gen": self.shuffle_gen.get_state(),
+            "prune_gen": self.prune_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "method": self.method.state_dict(), "history": self.history,
+            "persistent": self.grad_masker is not None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["widths"]:
+            self.model = self._build(state["widths"])
+            self._bind()
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.masks = {n: m.to(self.device) for n, m in state["masks"].items()}
+        self.grad_masker = GradMasker(self.model, self.masks) if state["persistent"] else None
+        self.shuffle_gen.set_state(state["shuffle_gen"])
+        self.prune_gen.set_state(state["prune_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.method.load_state_dict(state["method"])
+        self.position = Position(**state["position"])
+        self.history = state["history"]
+
+
+def load_model(run_dir: str | Path) -> nn.Module:
+    """The final network of a finished run, rebuilt from its metrics.json and model.pt."""
+    from .config import from_dict
+    from .methods import method_class
+
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / METRICS).read_text())
+    arch = record["final"]["architecture"]
+    cfg = from_dict(record["config"])
+    method = method_class(cfg.pruner.method)(cfg.pruner, cfg)
+    shape = tuple(arch["input_shape"])
+    model = resize(method.build_model(cfg.model, shape, arch["num_classes"]), arch["widths"], shape)
+    model.load_state_dict(torch.load(run_dir / WEIGHTS, weights_only=True))
+    return model
