@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,40 +13,61 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bayes_prune.cli import quote_numeric_choices
+from bayes_prune import cli
 from bayes_prune.config import ConfigError, register_configs, validate
 from bayes_prune.data import DataError
-from bayes_prune.experiment import JobContext, run_experiment
+from bayes_prune.experiment import JobContext, RunDirError, run_experiment
+from bayes_prune.record import write_json
+from bayes_prune.schema import METRICS, SCHEMA_VERSION
 
 register_configs()
 log = logging.getLogger("bayes_prune")
 
 
+def _record_invalid_job(run_dir: Path, cfg: DictConfig, overrides: list[str], exc: Exception) -> None:
+    """A sweep job whose config is invalid leaves a failed record, so the sweep's table lists it
+    (never over another run's files)."""
+    if (run_dir / METRICS).exists():
+        return
+    write_json(run_dir / METRICS, {
+        "schema_version": SCHEMA_VERSION, "status": "failed", "run_dir": str(run_dir),
+        "error": {"type": type(exc).__name__, "message": str(exc), "traceback": ""},
+        "config": OmegaConf.to_container(cfg, resolve=False, enum_to_str=True),
+        "overrides": overrides, "history": [], "final": None})
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    cli.state["task_started"] = True
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None) if multirun else None
     if n_jobs is not None and n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...
         n_jobs = (os.cpu_count() or 1) + 1 + n_jobs
+    overrides = list(hc.overrides.task)
     job = JobContext(
         run_dir=Path(hc.runtime.output_dir),
-        overrides=list(hc.overrides.task),
+        overrides=overrides,
         multirun=multirun,
         parallel_jobs=max(1, n_jobs or 1),
         lock_dir=Path(hc.sweep.dir) / ".gpu_locks" if multirun else None,
+        hydra_files={"config.yaml": OmegaConf.to_yaml(cfg),
+                     "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
+                     "overrides.yaml": OmegaConf.to_yaml(overrides)},
     )
     try:
         record = run_experiment(validate(cfg), job)  # validation comes before any data is loaded
     except (ConfigError, DataError) as exc:
-        if isinstance(exc, ConfigError):  # a DataError is logged by run_experiment
-            log.error("%s", exc)
-        if not multirun:  # one clear line and exit status 2 instead of a traceback
-            sys.exit(2)
+        if not multirun:
+            if job.run_dir.is_dir() and not any(job.run_dir.iterdir()):
+                job.run_dir.rmdir()  # Hydra made it for a run that never started
+            cli.exit_bad_input(exc)
+        log.error("%s", exc)  # in the job's log; the sweep reports it at the end
+        if isinstance(exc, ConfigError) and not isinstance(exc, RunDirError):
+            _record_invalid_job(job.run_dir, cfg, overrides, exc)
         raise
-    return float(record["final"]["test_acc"])
+    return float((record.get("final") or {}).get("test_acc", math.nan))
 
 
 if __name__ == "__main__":
-    sys.argv = quote_numeric_choices(sys.argv)
-    main()
+    sys.exit(cli.run(main, sys.argv))

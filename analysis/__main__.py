@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: runs directory {args.runs_dir} does not exist", file=sys.stderr)
         return 2
     if not find_metrics(args.runs_dir, exclude=[out]):
-        print(f"error: no metrics.json found under {args.runs_dir}", file=sys.stderr)
+        print(f"error: no run directories (no metrics.json, checkpoint or .lock) found under "
+              f"{args.runs_dir}", file=sys.stderr)
         return 2
 
     col = collect(args.runs_dir, exclude=[out])

@@ -32,7 +32,15 @@ from typing import Any
 
 import pandas as pd
 
-from bayes_prune.schema import SCHEMA_VERSION, flatten, result_config, upgrade
+from bayes_prune.schema import (
+    METRICS,
+    SCHEMA_VERSION,
+    find_run_dirs,
+    flatten,
+    lock_holder,
+    result_config,
+    upgrade,
+)
 
 KEYS = ["dataset", "model", "pruner", "sparsity_target", "variant", "pruner_variant", "seed"]
 IDENTITY = {"dataset.name": "dataset", "model.name": "model", "pruner.name": "pruner",
@@ -52,7 +60,7 @@ class Collected:
 
     def status_counts(self) -> dict[str, int]:
         counts = self.runs["status"].value_counts().to_dict() if len(self.runs) else {}
-        for status in ("unreadable", "duplicate"):
+        for status in ("unreadable", "missing", "duplicate"):
             n = int((self.problems["status"] == status).sum())
             if n:
                 counts[status] = n
@@ -75,6 +83,10 @@ def _fmt(value: Any) -> str:
 
 
 def _read(path: Path) -> tuple[dict | None, str | None]:
+    if not path.exists():
+        holder = lock_holder(path.parent)
+        return None, (f"no metrics.json yet: held by pid {holder}, starting" if holder else
+                      "no metrics.json: the job was stopped before its first record, or never ran")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -89,20 +101,59 @@ def _read(path: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
-def _is_within(path: Path, dirs: list[Path]) -> bool:
-    return any(path.is_relative_to(d) for d in dirs)
-
-
 def find_metrics(root: str | Path, exclude: Iterable[str | Path] = ()) -> list[Path]:
-    """Every `metrics.json` under `root`, sorted, skipping those inside `exclude` directories."""
-    excluded = [Path(e).resolve() for e in exclude]
-    return sorted(p for p in Path(root).glob("**/metrics.json")
-                  if p.is_file() and not _is_within(p.resolve(), excluded))
+    """The `metrics.json` path of every run directory under `root` (whether it exists or not: a
+    run killed before its first write has none), skipping those inside `exclude` directories."""
+    return [d / METRICS for d in find_run_dirs(root, tuple(Path(e) for e in exclude))]
 
 
 def _settings(config: dict) -> dict[str, Any]:
     """Result-relevant config entries other than the ones that name the cell's position."""
     return {k: v for k, v in result_config(config).items() if k not in IDENTITY}
+
+
+def _parse(data: dict, run_dir: str) -> tuple[dict[str, Any], list[dict], dict[str, Any], str | None]:
+    """(run row, history rows, result settings, problem reason or None) of one record."""
+    config = data["config"]
+    flat = flatten(config)
+    row: dict[str, Any] = {col: flat.get(key) for key, col in IDENTITY.items() | SCALAR_CONFIG.items()}
+    row.update(dataset=str(row["dataset"]), model=str(row["model"]), pruner=str(row["pruner"]),
+               sparsity_target=_num(row["sparsity_target"], 0.0),
+               seed=int(_num(data.get("seed", row["seed"]), -1)),
+               status=str(data.get("status", "unknown")), run_dir=run_dir, device=data.get("device"))
+    history = [h for h in data.get("history") or [] if isinstance(h, dict)]
+    final = data.get("final") or {}
+    if not isinstance(final, dict):
+        raise TypeError(f"final is a {type(final).__name__}, not an object")
+    for key, value in final.items():
+        if not isinstance(value, dict | list):
+            row["epochs_run" if key == "epochs" else key] = value
+    row.setdefault("epochs_run", len(history))
+    hist = [{"run_dir": run_dir} | {k: v for k, v in h.items() if not isinstance(v, dict | list)}
+            for h in history]
+    err = data.get("error") or {}
+    what = (f"{err.get('type', '?')}: {err.get('message', '')}" if isinstance(err, dict)
+            else str(err)).strip()
+    status = row["status"]
+    if status in ("failed", "diverged"):
+        reason = f"{status}: {what}"
+    elif status == "interrupted":
+        reason = f"interrupted after {len(history)} records: re-run its command to resume"
+    elif status == "running":
+        holder = lock_holder(run_dir)
+        reason = (f"running (pid {holder}): {len(history)} records logged" if holder else
+                  f"stopped while running after {len(history)} records (no process holds it: "
+                  "killed?): re-run its command to resume")
+    elif status == "done" and not final:
+        reason = "done but has no final metrics"
+        row["status"] = "incomplete"
+    elif status != "done":
+        reason = f"unknown status {status!r}"
+    elif not math.isfinite(_num(final.get("test_acc"), math.nan)):
+        reason = "done but final test_acc is missing or NaN (not counted in the table)"
+    else:
+        reason = None
+    return row, hist, _settings(config), reason
 
 
 def collect(root: str | Path, exclude: Iterable[str | Path] = ()) -> Collected:
@@ -115,43 +166,20 @@ def collect(root: str | Path, exclude: Iterable[str | Path] = ()) -> Collected:
         run_dir = str(path.parent)
         data, reason = _read(path)
         if data is None:
-            problems.append({"run_dir": run_dir, "status": "unreadable", "reason": reason})
+            status = "missing" if reason and reason.startswith("no metrics.json") else "unreadable"
+            problems.append({"run_dir": run_dir, "status": status, "reason": reason})
             continue
-        config = data["config"]
-        flat = flatten(config)
-        row: dict[str, Any] = {col: flat.get(key) for key, col in IDENTITY.items() | SCALAR_CONFIG.items()}
-        row.update(dataset=str(row["dataset"]), model=str(row["model"]), pruner=str(row["pruner"]),
-                   sparsity_target=_num(row["sparsity_target"], 0.0),
-                   seed=int(_num(data.get("seed", row["seed"]), -1)),
-                   status=str(data.get("status", "unknown")), run_dir=run_dir,
-                   device=data.get("device"))
-        history = [h for h in data.get("history") or [] if isinstance(h, dict)]
-        final = data.get("final") or {}
-        for key, value in final.items():
-            if not isinstance(value, dict | list):
-                row["epochs_run" if key == "epochs" else key] = value
-        row.setdefault("epochs_run", len(history))
+        try:
+            row, run_hist, run_settings, problem = _parse(data, run_dir)
+        except Exception as exc:  # noqa: BLE001 - one malformed record must not stop the table
+            problems.append({"run_dir": run_dir, "status": "unreadable",
+                             "reason": f"malformed metrics.json: {type(exc).__name__}: {exc}"})
+            continue
         rows.append(row)
-        settings.append(_settings(config))
-        for h in history:
-            hist.append({"run_dir": run_dir} | {k: v for k, v in h.items()
-                                                if not isinstance(v, dict | list)})
-
-        if row["status"] == "failed":
-            err = data.get("error") or {}
-            reason = f"failed: {err.get('type', '?')}: {err.get('message', '')}".strip()
-        elif row["status"] == "running":
-            reason = f"running: {len(history)} records logged"
-        elif row["status"] == "done" and not final:
-            reason = "done but has no final metrics"
-            row["status"] = "incomplete"
-        elif row["status"] != "done":
-            reason = f"unknown status {row['status']!r}"
-        elif not math.isfinite(_num(final.get("test_acc"), math.nan)):
-            reason = "done but final test_acc is missing or NaN (not counted in the table)"
-        else:
-            continue
-        problems.append({"run_dir": run_dir, "status": row["status"], "reason": reason})
+        hist += run_hist
+        settings.append(run_settings)
+        if problem:
+            problems.append({"run_dir": run_dir, "status": row["status"], "reason": problem})
 
     runs = pd.DataFrame(rows)
     for column in FINAL_COLUMNS:  # present even when no run has finished

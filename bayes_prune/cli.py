@@ -1,10 +1,30 @@
-"""Command-line helpers for `train.py`."""
+"""Command-line plumbing for `train.py`: argument fixes, and errors reported in one or two lines.
+
+`train.py` runs Hydra with HYDRA_FULL_ERROR set, so every exception reaches `report` here instead
+of Hydra's traceback printer: bad input (an unknown option or key, a value out of range, a missing
+or damaged dataset, an unusable run directory) is one line and exit status 2; Ctrl-C is one line
+and 130; a run that fails for another reason exits 1 with its traceback (also in its metrics.json).
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import traceback
+from collections.abc import Callable
 
-NUMERIC_CHOICE = re.compile(r"^(sparsity)=(\d+(?:\.\d+)?(?:,\d+(?:\.\d+)?)*)$")
+NUMERIC_CHOICE = re.compile(r"^(sparsity)=(-?\d+(?:\.\d+)?(?:,-?\d+(?:\.\d+)?)*)$")
+BAD_INPUT_EXIT = 2
+INTERRUPTED_EXIT = 130
+state = {"task_started": False}  # set by the task function: errors before it are Hydra's set-up
+
+
+def exit_bad_input(exc: BaseException) -> None:
+    """From inside a single run: report bad input in one line and exit 2 (a SystemExit passes
+    through Hydra's job runner without its extra "Error executing job" line)."""
+    print(f"error: {_message(exc)}", file=sys.stderr)
+    raise SystemExit(BAD_INPUT_EXIT) from exc
 
 
 def quote_numeric_choices(argv: list[str]) -> list[str]:
@@ -18,3 +38,58 @@ def quote_numeric_choices(argv: list[str]) -> list[str]:
         m = NUMERIC_CHOICE.match(arg)
         out.append(f"{m[1]}=" + ",".join(f"'{v}'" for v in m[2].split(",")) if m else arg)
     return out
+
+
+def _message(exc: BaseException) -> str:
+    """The error's text in one or two lines (Hydra's option lists folded into one)."""
+    text = str(exc).split("\nConfig search path")[0].strip()
+    if "\nAvailable options" in text:
+        head, _, options = text.partition("\nAvailable options")
+        group, _, names = options.partition(":")
+        group = group.strip().removeprefix("in").strip()
+        text = f"{head.strip()}; the options of {group} are " + ", ".join(
+            n for n in names.split() if n != "base")
+    # Hydra's "use +key=value to append" advice is wrong here: added keys are refused too.
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("To append to"))
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        text += " " + str(cause).strip().splitlines()[0]
+    return text
+
+
+def _is_bad_input(exc: BaseException) -> bool:
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import ConfigError
+    from .data import DataError
+
+    return isinstance(exc, ConfigError | DataError | CompactHydraException | OmegaConfBaseException)
+
+
+def run(main: Callable[[], object], argv: list[str]) -> int:
+    """Run the Hydra app `main` on `argv`; returns the exit status."""
+    sys.argv = quote_numeric_choices(argv)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except SystemExit as exc:  # --help, --cfg, argparse errors
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Exception as exc:  # noqa: BLE001 - this is the process's error report
+        if _is_bad_input(exc):
+            print(f"error: {_message(exc)}", file=sys.stderr)
+            return BAD_INPUT_EXIT
+        if isinstance(exc, OSError) and not state["task_started"]:
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: cannot create the run directory{where}: {exc.strerror or exc}; choose a "
+                  f"writable hydra.run.dir (or paths.output_dir)", file=sys.stderr)
+            return BAD_INPUT_EXIT
+        traceback.print_exc()
+        print(f"error: the run failed: {type(exc).__name__}: {exc} (its metrics.json records the "
+              f"traceback; re-run the command to resume)", file=sys.stderr)
+        return 1
+    return 0

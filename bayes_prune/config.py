@@ -130,10 +130,11 @@ class PriorConfig:
     scale: float = 1.0  # laplace scale b
 
     def __post_init__(self) -> None:
-        check(is_finite(self.sigma) and self.sigma > 0, "prior.sigma", self.sigma,
-              "a finite number > 0")
-        check(is_finite(self.scale) and self.scale > 0, "prior.scale", self.scale,
-              "a finite number > 0")
+        # 1/sigma^2 enters the prior's gradient: it must be representable
+        check(is_finite(self.sigma) and 1e-150 <= self.sigma, "prior.sigma", self.sigma,
+              "a finite number > 0, at least 1e-150 (so that 1/sigma^2 is finite)")
+        check(is_finite(self.scale) and 1e-300 <= self.scale, "prior.scale", self.scale,
+              "a finite number > 0, at least 1e-300 (so that 1/scale is finite)")
 
 
 @dataclass
@@ -247,9 +248,18 @@ def validate(cfg: DictConfig) -> Config:
     run per seed whatever `sparsity=` a sweep passed (it lands in the `sparsity=0` folder).
     """
     from .methods import method_class
+    from .schema import flatten
 
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
+    # A key added with `+` is not in any schema; OmegaConf would drop it without a word.
+    known = flatten(to_dict(obj))
+    for key in flatten(OmegaConf.to_container(cfg, resolve=False)):  # type: ignore[arg-type]
+        if key not in known:
+            group = key.rsplit(".", 1)[0]
+            valid = sorted(k.rsplit(".", 1)[-1] for k in known if k.rsplit(".", 1)[0] == group)
+            raise ConfigError(f"invalid key {key}: not a setting of this config (was it added with "
+                              f"'+'?); the keys of {group} are {valid}")
     cls = method_class(obj.pruner.method)
     if not isinstance(obj.pruner, cls.config):
         raise ConfigError(f"invalid value pruner.method={obj.pruner.method!r}: the schema "

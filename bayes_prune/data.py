@@ -50,23 +50,50 @@ class Data:
                     self.num_classes)
 
 
+def _unreadable_mnist_files(raw: Path) -> list[str]:
+    """The MNIST-format files in `raw` that torchvision cannot parse (truncated, damaged)."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    bad = []
+    for path in sorted(raw.glob("*-ubyte")):
+        try:
+            (read_image_file if "idx3" in path.name else read_label_file)(str(path))
+        except Exception as exc:  # noqa: BLE001 - any parse error means the file is damaged
+            bad.append(f"{path} ({type(exc).__name__}: {str(exc)[:120]})")
+    return bad
+
+
 def _torchvision_split(name: DatasetName, root: Path, train: bool):
     import torchvision
 
     cls_name, folder = TORCHVISION_CLASSES[name]
     cls = getattr(torchvision.datasets, cls_name)
+    where = root.resolve() / folder
     try:
         return cls(root=str(root), train=train, download=False)
-    except RuntimeError:
-        pass
+    except RuntimeError as exc:
+        missing = "not found" in str(exc).lower() and "corrupt" not in str(exc).lower()
+        if not missing or (name is DatasetName.cifar10 and any(where.glob("*_batch*"))):
+            bad = _unreadable_mnist_files(where / "raw") if name is not DatasetName.cifar10 else []
+            files = "; ".join(bad) or f"files under {where} ({exc})"
+            raise DataError(
+                f"dataset '{name.value}' was found under {where} but cannot be read: {files}. Fix: "
+                f"restore the damaged file (e.g. from the .gz beside it, or delete {where} so that "
+                f"torchvision downloads it again)") from exc
+    raw = (root / folder / "raw").resolve()
+    created = [d for d in (raw, *raw.parents) if not d.exists()]
     try:
         return cls(root=str(root), train=train, download=True)
     except Exception as exc:  # no network, permission denied, ...
+        for d in created:  # leave no empty folders behind in a wrong data root (deepest first)
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
         raise DataError(
-            f"dataset '{name.value}' was not found under {root.resolve()}/{folder} and could not "
-            f"be downloaded ({type(exc).__name__}: {exc}). Fix: point the data root at a folder "
-            f"holding {folder}/ (torchvision layout), e.g. BAYES_PRUNE_DATA=/path/to/datasets or "
-            f"paths.data_dir=/path/to/datasets, or run once where downloads work."
+            f"dataset '{name.value}' was not found under {where} and could not be downloaded "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}). Fix: point the data "
+            f"root at a folder holding {folder}/ (torchvision layout), e.g. "
+            f"BAYES_PRUNE_DATA=/path/to/datasets or paths.data_dir=/path/to/datasets, or run once "
+            f"where downloads work."
         ) from exc
 
 
@@ -132,6 +159,14 @@ def _make_synthetic(cfg: DatasetConfig) -> Data:
     x_train, y_train = sample(cfg.n_train)
     x_test, y_test = sample(cfg.n_test)
     return Data(x_train, y_train, x_test, y_test, cfg.num_classes)
+
+
+def input_shape(cfg: DatasetConfig) -> tuple[tuple[int, int, int], int]:
+    """(image shape, classes) of a dataset, known without loading it."""
+    if cfg.name is DatasetName.synthetic:
+        return tuple(cfg.shape), cfg.num_classes  # type: ignore[return-value]
+    shapes = {DatasetName.digits: (1, 8, 8), DatasetName.cifar10: (3, 32, 32)}
+    return shapes.get(cfg.name, (1, 28, 28)), 10
 
 
 def load_data(cfg: DatasetConfig, data_dir: str | Path, device: torch.device,

@@ -26,6 +26,22 @@ def auto_device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(setting: str) -> None:
+    """Raise ConfigError when `trainer.device` names a device this machine does not have."""
+    from .config import ConfigError
+
+    if setting.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(setting[5:]) if setting.startswith("cuda:") else 0
+        if index >= count:
+            raise ConfigError(f"invalid value trainer.device={setting!r}: this machine has "
+                              f"{count} CUDA device(s); use trainer.device=auto or cpu")
+    if setting == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                 and torch.backends.mps.is_available()):
+        raise ConfigError("invalid value trainer.device='mps': MPS is not available here; use "
+                          "trainer.device=auto or cpu")
+
+
 def _claim_gpu(lock_dir: Path, n_gpus: int, max_slots: int = 64) -> tuple[int, IO] | None:
     lock_dir.mkdir(parents=True, exist_ok=True)
     for slot in range(n_gpus * max_slots):

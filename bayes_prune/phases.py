@@ -13,6 +13,7 @@ followed by a checkpoint, so a run resumes at the phase and epoch where it stopp
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from .masks import global_sparsity, layer_sparsity
 from .methods.base import Calibration
 from .progress import ProgressReporter
 from .run import RunState
+from .trainer import Diverged
 
 log = logging.getLogger("bayes_prune")
 Checkpoint = Callable[[], None]
@@ -34,6 +36,13 @@ def calibration_set(run: RunState, size: int) -> Calibration:
     g = torch.Generator().manual_seed(run.cfg.seed + 2_000_003)
     idx = torch.randperm(n, generator=g)[: min(size, n)].to(run.data.x_train.device)
     return Calibration(run.data.x_train[idx], run.data.y_train[idx])
+
+
+def finite(evaluation: tuple[float, float], where: str) -> tuple[float, float]:
+    """The (test loss, accuracy) pair, or Diverged if the loss is NaN or infinite."""
+    if not math.isfinite(evaluation[0]):
+        raise Diverged(f"the test loss became {evaluation[0]} after {where}")
+    return evaluation
 
 
 def _state_fields(run: RunState) -> dict:
@@ -50,7 +59,7 @@ def epochs(run: RunState, phase: Phase, n_epochs: int, bars: bool, checkpoint: C
         t0 = time.perf_counter()
         progress.start_epoch(epoch)
         train_loss, train_acc = run.train_epoch(epoch, phase, progress.batches_done)
-        test_loss, test_acc = run.evaluate()
+        test_loss, test_acc = finite(run.evaluate(), f"{phase.value} epoch {epoch}")
         fields = run.method.epoch_end(run, epoch) if phase is Phase.train else {}
         after_loss, after_acc = run.evaluate() if fields.get("pruned") else (test_loss, test_acc)
         entry = {"phase": phase.value, "cycle": cycle, "epoch": epoch,
@@ -70,7 +79,7 @@ def prune(run: RunState) -> bool:
     t0 = time.perf_counter()
     calib = calibration_set(run, run.cfg.pruner.calibration_size)
     fields = run.method.prune(run, calib)
-    test_loss, test_acc = run.evaluate()
+    test_loss, test_acc = finite(run.evaluate(), "the prune phase")
     entry = {"phase": Phase.prune.value, "cycle": run.position.cycle, "epoch": None,
              "test_loss": test_loss, "test_acc": test_acc, **fields, **_state_fields(run),
              "seconds": time.perf_counter() - t0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -11,12 +12,10 @@ from typing import Any
 
 import torch
 
-from .schema import SCHEMA_VERSION
+from .schema import CHECKPOINT, MASKS, METRICS, SCHEMA_VERSION, WEIGHTS
 
-METRICS = "metrics.json"
-CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "model.pt"
-MASKS = "masks.pt"
+__all__ = ["CHECKPOINT", "MASKS", "METRICS", "WEIGHTS", "finite_json", "read_metrics", "save_torch",
+           "versions", "write_json"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -34,8 +33,20 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=True).encode()))
+    """Write strict JSON atomically (non-finite floats become null)."""
+    _atomic(path, lambda f: f.write(json.dumps(finite_json(obj), indent=2, allow_nan=False).encode()))
 
 
 def save_torch(path: Path, obj: Any) -> None:
@@ -43,10 +54,12 @@ def save_torch(path: Path, obj: Any) -> None:
 
 
 def read_metrics(run_dir: Path) -> dict | None:
+    """The run directory's metrics.json, None if there is none; ValueError if it is not JSON."""
     try:
-        return json.loads((run_dir / METRICS).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        text = (run_dir / METRICS).read_text()
+    except FileNotFoundError:
         return None
+    return json.loads(text)
 
 
 def versions() -> dict[str, str]:

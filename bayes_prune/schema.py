@@ -1,13 +1,15 @@
-"""The record schema of a run directory's `metrics.json`: field names, version, what counts.
+"""The record schema of a run directory's `metrics.json`, and the run directory's layout.
 
 This module is what training writes against and what `analysis` reads against (analysis may
 import it and nothing else of the package's training side). It depends on the standard library
 only.
 
     schema_version  SCHEMA_VERSION
-    status          one of STATUSES
-    error           null, or {type, message, traceback} when status is failed
-    run_dir, config (resolved), overrides, seed, device, threads, versions, started_at, updated_at
+    status          one of STATUSES (running, done, failed, diverged, interrupted)
+    error           null, or {type, message, traceback} when status is failed, diverged or
+                    interrupted
+    run_dir, config (resolved), overrides, seed, device, threads (of this process), versions,
+    started_at, updated_at, resumes (one {at, position, threads, device} per resume)
     history         one record per epoch of a train / finetune phase and per prune / compress
                     step: HISTORY_FIELDS, plus the method's own fields (e.g. log_bf, gate_open)
     final           FINAL_FIELDS, plus the method's own fields (e.g. target_sparsity)
@@ -15,13 +17,27 @@ only.
 
 from __future__ import annotations
 
+import fcntl
+import os
+from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 2
-STATUSES = ("running", "done", "failed")
+STATUSES = ("running", "done", "failed", "diverged", "interrupted")
+
+# The files of a run directory.
+METRICS = "metrics.json"
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.pt"
+MASKS = "masks.pt"
+LOG = "train.log"
+LOCK = ".lock"  # held (flock) by the process that trains the run; holds its pid
+HYDRA_DIR = ".hydra"
+RUN_MARKERS = (METRICS, CHECKPOINT, LOCK, HYDRA_DIR, LOG)
 
 RUN_FIELDS = ("schema_version", "status", "error", "run_dir", "config", "overrides", "seed",
-              "device", "threads", "versions", "started_at", "updated_at", "history", "final")
+              "device", "threads", "versions", "started_at", "updated_at", "history", "resumes",
+              "final")
 
 HISTORY_FIELDS = {
     "phase": "train | prune | finetune | compress",
@@ -98,3 +114,38 @@ def upgrade(record: dict) -> dict:
         renamed = {"flops_dense": "macs_dense", "flops_nonzero": "macs_nonzero"}
         out["final"] = {renamed.get(k, k): v for k, v in final.items()}
     return out
+
+
+def find_run_dirs(root: str | Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
+    """Every run directory under `root`: a directory holding any of RUN_MARKERS, so that a run
+    killed before it wrote metrics.json is found too. Sorted; directories inside `exclude` skipped."""
+    excluded = [Path(e).resolve() for e in exclude]
+    found = set()
+    for marker in RUN_MARKERS:
+        for p in Path(root).glob(f"**/{marker}"):
+            d = p.parent
+            if d.name == HYDRA_DIR or any(d.resolve().is_relative_to(e) for e in excluded):
+                continue
+            found.add(d)
+    return sorted(found)
+
+
+def lock_holder(run_dir: str | Path) -> int | None:
+    """The pid of the live process that holds the run directory's lock, or None."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            return int(path.read_text().strip() or 0) or -1
+        except (OSError, ValueError):
+            return -1
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

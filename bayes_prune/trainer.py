@@ -7,11 +7,17 @@ The loss comes from the method (`Method.loss`, cross-entropy on logits by defaul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Diverged(FloatingPointError):
+    """The training loss became NaN or infinite: the run stops with status `diverged`."""
+
 
 # (model, x, y) -> (mean loss over the batch, logits or log-probabilities for the accuracy)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -70,7 +76,11 @@ def train_epoch(
         with torch.no_grad():
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
-        if on_batches is not None and (b + 1) % report_every == 0:
+        if (b + 1) % report_every == 0 or b + 1 == n_batches:
             seen = min(n, (b + 1) * batch_size)
-            on_batches(b + 1, float(loss_sum) / seen, float(correct) / seen)
+            mean = float(loss_sum) / seen
+            if not math.isfinite(mean):
+                raise Diverged(f"the training loss became {mean} by batch {b + 1} of {n_batches}")
+            if on_batches is not None:
+                on_batches(b + 1, mean, float(correct) / seen)
     return float(loss_sum) / n, float(correct) / n
