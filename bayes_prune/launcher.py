@@ -1,0 +1,229 @@
+"""`hydra/launcher=fleet`: a multirun's jobs trained as stacked fleets, one per device at a time.
+
+    python train.py -m experiment=table1 hydra/launcher=fleet [hydra.launcher.devices=[cuda:0,cuda:1]]
+
+Jobs whose configs agree on everything but the pruner, the sparsity and the seed (dataset, model,
+trainer, prior, evidence settings) form a fleet (`fleet.py`): one process trains them as one stacked
+network, each member still an ordinary run with its own directory, record, checkpoint and status.
+Fleets are spread over `devices` (every visible GPU by default, else the CPU), one worker process
+per device when there are several. A job that cannot be stacked (another method family, a config
+error, a run directory shared with an earlier job) runs afterwards as a single run in this process,
+with a log line saying why. `max_members` splits larger fleets (GPU memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+from . import cli
+from .config import Config, ConfigError, to_dict, validate
+from .devices import check_device
+from .experiment import JobContext, check_buildable
+from .fleet import Fleet, Outcome, fleet_problem
+from .methods import method_class
+
+log = logging.getLogger("bayes_prune.launcher")
+VARYING = ("pruner", "sparsity", "seed")  # what members of one fleet may differ in
+
+
+@dataclass
+class _Job:
+    num: int
+    sweep_config: DictConfig
+    ret: JobReturn  # what Hydra resolved for the job (config, directory, overrides)
+    cfg: Config | None = None
+    context: JobContext | None = None
+    single: str | None = None  # why it runs as a single run
+
+
+def fleet_key(cfg: Config) -> str:
+    """Jobs with equal keys train in one fleet."""
+    return json.dumps({k: v for k, v in to_dict(cfg).items() if k not in VARYING}, sort_keys=True)
+
+
+def auto_devices() -> list[str]:
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def _picklable(outcome: Outcome) -> Outcome:
+    try:
+        pickle.dumps(outcome)
+        return outcome
+    except Exception:  # noqa: BLE001 - an exception that does not pickle crosses as its text
+        err = outcome.error
+        return Outcome(outcome.value, RuntimeError(f"{type(err).__name__}: {err}"))
+
+
+def run_fleets(fleets: list[list[tuple[int, Config, JobContext]]], device: str,
+               logging_cfg: DictConfig | None = None) -> dict[int, Outcome]:
+    """Train `fleets` one after another on `device`; the outcome of every job by number."""
+    if logging_cfg is not None:  # a worker process
+        configure_log(logging_cfg)
+    outcomes: dict[int, Outcome] = {}
+    for i, fleet in enumerate(fleets):
+        name = f"fleet {i + 1}/{len(fleets)} on {device}"
+        done = Fleet([(cfg, ctx) for _, cfg, ctx in fleet], torch.device(device), name).run()
+        outcomes.update({num: _picklable(o) for (num, _, _), o in zip(fleet, done, strict=True)})
+    return outcomes
+
+
+class FleetLauncher(Launcher):
+    def __init__(self, devices: str | Sequence[str] = "auto", max_members: int | None = None) -> None:
+        self.devices = auto_devices() if devices == "auto" else [str(d) for d in devices]
+        for d in self.devices:
+            check_device(d)
+        if max_members is not None and max_members < 1:
+            raise ConfigError(f"invalid value hydra.launcher.max_members={max_members}: expected "
+                              f"null or an integer >= 1")
+        self.max_members = max_members
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    # -- preparing the jobs ---------------------------------------------------------------------
+    def _prepare(self, num: int, overrides: Sequence[str]) -> _Job:
+        """Resolve job `num` as Hydra would run it, without running it."""
+        assert self.config is not None and self.hydra_context is not None
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = num
+            sweep_config.hydra.job.num = num
+        job = _Job(num, sweep_config, JobReturn())
+
+        def prepare(task_cfg: DictConfig) -> None:
+            job.context = cli.job_context(task_cfg)
+            try:
+                cfg = validate(task_cfg)
+                check_buildable(cfg, method_class(cfg.pruner.method)(cfg.pruner, cfg))
+            except ConfigError as exc:
+                job.single = f"its config is refused ({str(exc).splitlines()[0]})"
+                return
+            job.cfg, job.single = cfg, fleet_problem(cfg)
+
+        job.ret = run_job(hydra_context=self.hydra_context, task_function=prepare, config=sweep_config,
+                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
+                          configure_logging=False)
+        if job.ret.status is not JobStatus.COMPLETED:
+            job.single = f"it could not be prepared ({job.ret._return_value})"
+        return job
+
+    def _plan(self, jobs: list[_Job]) -> tuple[dict[str, list[list[_Job]]], list[_Job]]:
+        """Fleets by device, and the jobs that run as single runs afterwards."""
+        groups: dict[str, list[_Job]] = defaultdict(list)
+        owner: dict[Path, int] = {}
+        for job in jobs:
+            if job.single is None and job.context is not None:
+                first = owner.setdefault(job.context.run_dir, job.num)
+                if first != job.num:
+                    job.single = (f"its run directory is job #{first}'s (it will find that run done)")
+            if job.single is None:
+                groups[fleet_key(job.cfg)].append(job)
+        chunk = self.max_members or max([len(g) for g in groups.values()] or [1])
+        fleets = [g[i:i + chunk] for g in groups.values() for i in range(0, len(g), chunk)]
+        by_device: dict[str, list[list[_Job]]] = defaultdict(list)
+        load = dict.fromkeys(self.devices, 0)
+        for fleet in sorted(fleets, key=len, reverse=True):
+            pinned = fleet[0].cfg.trainer.device
+            device = pinned if pinned != "auto" else min(load, key=load.get)
+            by_device[device].append(fleet)
+            load[device] = load.get(device, 0) + len(fleet)
+        return by_device, [j for j in jobs if j.single is not None]
+
+    # -- running them ---------------------------------------------------------------------------
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        assert self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        jobs = []
+        for i, overrides in enumerate(job_overrides):
+            jobs.append(self._prepare(initial_job_idx + i, overrides))
+            log.info("\t#%d : %s", jobs[-1].num, " ".join(filter_overrides(overrides)))
+        by_device, singles = self._plan(jobs)
+        configure_log(self.config.hydra.job_logging, self.config.hydra.verbose)
+        n_fleets = sum(len(f) for f in by_device.values())
+        log.info("%d jobs: %d in %d fleet(s) on %s, %d as single runs", len(jobs),
+                 len(jobs) - len(singles), n_fleets, ", ".join(by_device) or "no device",
+                 len(singles))
+        workers = len(by_device)
+        specs = {d: [[(j.num, j.cfg, self._member_context(j, workers)) for j in fleet] for fleet in fleets]
+                 for d, fleets in by_device.items()}
+        outcomes: dict[int, Outcome] = {}
+        if workers == 1:
+            (device, fleets), = specs.items()
+            outcomes = run_fleets(fleets, device)
+        elif workers > 1:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(run_fleets, fleets, device, self.config.hydra.job_logging)
+                           for device, fleets in specs.items()]
+                for future in futures:
+                    outcomes.update(future.result())
+        for job in jobs:
+            if job.num in outcomes:
+                _finish(job.ret, outcomes[job.num])
+        for job in singles:
+            log.info("job #%d runs as a single run: %s", job.num, job.single)
+            job.ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                              config=job.sweep_config, job_dir_key="hydra.sweep.dir",
+                              job_subdir_key="hydra.sweep.subdir")
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return [job.ret for job in jobs]
+
+    @staticmethod
+    def _member_context(job: _Job, workers: int) -> JobContext:
+        assert job.context is not None
+        job.context.parallel_jobs = max(1, workers)  # processes sharing this machine's cores
+        job.context.lock_dir = None  # the fleet's device is given, no GPU slot to claim
+        return job.context
+
+
+def _finish(ret: JobReturn, outcome: Outcome) -> None:
+    if outcome.error is None:
+        ret.return_value, ret.status = outcome.value, JobStatus.COMPLETED
+    else:
+        ret.return_value, ret.status = outcome.error, JobStatus.FAILED
+
+
+def register_launcher() -> None:
+    """Make `hydra/launcher=fleet` instantiable.
+
+    Hydra 1.3 instantiates a launcher only if its `_target_` lies in the `hydra_plugins` namespace
+    package (hydra#1554, #3015; Hydra 1.4 adds entry-point discovery, #3449). This project ships no
+    top-level package of that name, so the class is registered with Hydra's plugin registry by name
+    and admitted, by exactly that name, to the namespace check.
+    """
+    plugins = Plugins.instance()
+    plugins.register(FleetLauncher)
+    ours = f"{FleetLauncher.__module__}.{FleetLauncher.__qualname__}"
+    hydra_check = Plugins.is_in_toplevel_plugins_module
+    if getattr(hydra_check, "admits", None) == ours:
+        return
+
+    def is_in_toplevel_plugins_module(clazz: str) -> bool:
+        return clazz == ours or hydra_check(clazz)
+
+    is_in_toplevel_plugins_module.admits = ours  # type: ignore[attr-defined]
+    Plugins.is_in_toplevel_plugins_module = staticmethod(is_in_toplevel_plugins_module)  # type: ignore[method-assign]
+

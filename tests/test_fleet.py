@@ -1,0 +1,235 @@
+"""Fleets: many runs trained as one stacked network, each member equal to its single run."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose_cfg, strip_timings, train_cmd
+from hydra.core.config_store import ConfigStore
+from torch import nn
+
+from bayes_prune.config import Config, MethodConfig, register_configs, validate
+from bayes_prune.experiment import JobContext, run_experiment
+from bayes_prune.fleet import Fleet, fleet_problem
+from bayes_prune.methods import Method, register_method
+from bayes_prune.methods.bayes_factor import MagnitudeConfig, MagnitudePruning
+from bayes_prune.models import CNNConfig, build_cnn
+from bayes_prune.stacked import Form, StackedNet
+
+TINY = ["dataset=digits", "model.hidden=[64,64]", "trainer.epochs=3", "trainer.threads=1",
+        "trainer.progress=off"]
+GRID = [[f"pruner={p}", f"sparsity.percent={s}", f"seed={seed}"]
+        for p in ("random", "magnitude", "bayes_magnitude") for s in (50, 90) for seed in (0, 1)]
+
+
+@dataclass
+class NanAtConfig(MagnitudeConfig):
+    name: str = "nan_at"
+    method: str = "nan_at"
+    nan_seed: int = 1  # the run with this seed sets its weights to NaN after its first epoch
+
+
+@register_method("nan_at")
+class NanAt(MagnitudePruning):
+    """Magnitude pruning, except that one seed's run diverges."""
+
+    config = NanAtConfig
+
+    def epoch_end(self, run, epoch):
+        fields = super().epoch_end(run, epoch)
+        if self.run_cfg.seed == self.cfg.nan_seed:
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(math.nan)
+        return fields
+
+
+@dataclass
+class UnstackableConfig(MethodConfig):
+    name: str = "unstackable"
+    method: str = "unstackable"
+
+
+@register_method("unstackable")
+class Unstackable(Method):
+    """A method of another family: it trains, but not as a fleet member."""
+
+    config = UnstackableConfig
+
+
+ConfigStore.instance().store(group="pruner", name="nan_at", node=NanAtConfig)
+ConfigStore.instance().store(group="pruner", name="unstackable", node=UnstackableConfig)
+register_configs()
+
+
+@functools.cache
+def config(overrides: tuple[str, ...]) -> Config:
+    return validate(compose_cfg(TINY + list(overrides)))
+
+
+def singles(root: Path, grid: list[list[str]], extra: list[str]) -> list[dict]:
+    return [run_experiment(copy.deepcopy(config((*extra, *o))),
+                           JobContext(run_dir=root / "single" / str(i), overrides=o))
+            for i, o in enumerate(grid)]
+
+
+def fleet(root: Path, grid: list[list[str]], extra: list[str]) -> list[dict]:
+    jobs = [(copy.deepcopy(config((*extra, *o))),
+             JobContext(run_dir=root / "fleet" / str(i), overrides=o, multirun=True))
+            for i, o in enumerate(grid)]
+    outcomes = Fleet(jobs, torch.device("cpu")).run()
+    assert [o.error for o in outcomes if not isinstance(o.error, FloatingPointError)] == [
+        None] * sum(not isinstance(o.error, FloatingPointError) for o in outcomes)
+    return [json.loads((root / "fleet" / str(i) / "metrics.json").read_text()) for i in range(len(grid))]
+
+
+def assert_equivalent(alone: dict, member: dict) -> None:
+    """Same masks and gate decisions at every epoch; first-epoch loss within 1e-4 relative; final
+    accuracy within half a point."""
+    assert member["status"] == alone["status"] == "done"
+    for a, m in zip(alone["history"], member["history"], strict=True):
+        assert (a["sparsity_per_layer"], a["gate_open"], a["pruned"]) == (
+            m["sparsity_per_layer"], m["gate_open"], m["pruned"])
+    first_a, first_m = alone["history"][0]["train_loss"], member["history"][0]["train_loss"]
+    assert abs(first_m - first_a) <= 1e-4 * abs(first_a)
+    assert abs(member["final"]["test_acc"] - alone["final"]["test_acc"]) <= 0.005
+    assert member["final"]["sparsity_per_layer"] == alone["final"]["sparsity_per_layer"]
+    assert strip_timings(member).keys() == strip_timings(alone).keys()
+    assert member["history"][0].keys() == alone["history"][0].keys()
+
+
+def test_a_fleet_gives_every_member_its_single_runs_masks_gates_loss_and_accuracy(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bayes_prune")
+    alone = singles(tmp_path, GRID, [])
+    members = fleet(tmp_path, GRID, [])
+    for a, m in zip(alone, members, strict=True):
+        assert_equivalent(a, m)
+    # the grid's cells differ from each other, so the comparison above is not vacuous
+    assert len({m["final"]["test_acc"] for m in members}) > 6
+    per_layer = members[GRID.index(["pruner=magnitude", "sparsity.percent=90", "seed=0"])]["final"]
+    assert all(abs(v - 0.9) < 1e-3 for v in per_layer["sparsity_per_layer"].values())
+    # each member owns its directory as a single run does: checkpoint, weights, masks, logs
+    for i in range(len(GRID)):
+        run_dir = tmp_path / "fleet" / str(i)
+        assert all((run_dir / f).exists() for f in ("checkpoint.pt", "model.pt", "masks.pt", "train.log"))
+        log = (run_dir / "train.log").read_text()
+        assert log.count("train epoch") == 3 and log.count("run dir:") == 1  # its own lines only
+
+
+def test_a_cnn_fleet_stacks_grouped_convolutions_equivalently(tmp_path):
+    grid = [[f"pruner={p}", "sparsity.percent=90", f"seed={seed}"]
+            for p in ("random", "bayes_magnitude") for seed in (0, 1)]
+    extra = ["model=cnn", "model.channels=[4,8]", "model.hidden=[32]", "trainer.epochs=2"]
+    for a, m in zip(singles(tmp_path, grid, extra), fleet(tmp_path, grid, extra), strict=True):
+        assert_equivalent(a, m)
+
+
+def test_a_diverging_member_is_marked_diverged_and_the_others_finish_as_alone(tmp_path):
+    grid = [["pruner=nan_at", "seed=1"], ["pruner=nan_at", "seed=0"], ["pruner=magnitude", "seed=2"]]
+    extra = ["sparsity.percent=50"]
+    members = fleet(tmp_path, grid, extra)
+    assert [m["status"] for m in members] == ["diverged", "done", "done"]
+    assert members[0]["error"]["type"] == "Diverged" and len(members[0]["history"]) == 1
+    alone = singles(tmp_path, grid[1:], extra)
+    for a, m in zip(alone, members[1:], strict=True):
+        assert_equivalent(a, m)
+        for ha, hm in zip(a["history"], m["history"], strict=True):  # untouched by the NaN member
+            assert hm["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-4)
+
+
+def test_only_paper_000_runs_of_stackable_networks_join_a_fleet():
+    assert fleet_problem(validate(compose_cfg(TINY + ["pruner=bayes_random"]))) is None
+    assert "cannot be stacked" in fleet_problem(validate(compose_cfg(TINY + ["pruner=unstackable"])))
+
+
+def test_the_stacked_network_computes_every_members_own_outputs():
+    torch.manual_seed(0)
+    cfg = CNNConfig(channels=[3, 5], hidden=[7])
+    models = [build_cnn(cfg, (2, 8, 8), 4) for _ in range(3)]
+    net = StackedNet(models[0])
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+              for n, _ in models[0].named_parameters()}
+    x = torch.randn(5, 2, 8, 8)
+    alone = torch.stack([m(x) for m in models])
+    assert torch.allclose(net(params, x, Form.shared), alone, atol=1e-5)
+    per_member = torch.randn(3, 5, 2, 8, 8)
+    assert torch.allclose(net(params, per_member, Form.batched),
+                          torch.stack([m(xm) for m, xm in zip(models, per_member, strict=True)]), atol=1e-5)
+    data = torch.randn(20, 2, 8, 8)
+    idx = torch.randint(20, (3, 5))
+    gathered = net(params, net.gather(data, idx), net.input_form)
+    assert torch.allclose(gathered, torch.stack([m(data[i]) for m, i in zip(models, idx, strict=True)]),
+                          atol=1e-5)
+    assert isinstance(models[0][0], nn.Conv2d) and net.input_form is Form.grouped
+
+
+# -- through the command line -------------------------------------------------------------------
+
+CLI = ["dataset=digits", "model.hidden=[32]", "trainer.threads=1", "hydra/launcher=fleet"]
+
+
+def fleet_sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd("-m", *CLI, f"paths.output_dir={out}", *args), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {str(p.parent.relative_to(out)): json.loads(p.read_text())
+            for p in sorted(out.rglob("metrics.json"))}
+
+
+def test_a_fleet_sweep_killed_midway_loses_no_finished_member_and_resumes_the_rest(tmp_path):
+    args = ["name=kill", "trainer.epochs=4", "pruner=magnitude,bayes_random", "seed=0,1",
+            "trainer.lr=0.001,0.002"]  # two fleets of four, one per lr
+    reference = tmp_path / "reference"
+    assert fleet_sweep(reference, *args).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd("-m", *CLI, f"paths.output_dir={killed}", *args), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        found = records(killed).values()
+        if sum(r.get("status") == "done" for r in found) == 4 and any(
+                r.get("status") == "running" and len(r.get("history") or []) >= 1 for r in found):
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = records(killed)
+    finished = {k for k, r in before.items() if r["status"] == "done"}
+    assert len(finished) == 4 and len(before) == 8, {k: r["status"] for k, r in before.items()}
+
+    again = fleet_sweep(killed, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = records(killed)
+    assert all(r["status"] == "done" for r in after.values()) and len(after) == 8
+    for k in finished:  # skipped: the record is the one written before the kill
+        assert after[k]["updated_at"] == before[k]["updated_at"] and not after[k]["resumes"]
+    assert sum(bool(r["resumes"]) for r in after.values()) == 4
+    ref = records(reference)
+    for key in ("history", "final"):  # a resumed fleet continues exactly where it stopped
+        assert ({k: strip_timings(v[key]) for k, v in after.items()}
+                == {k: strip_timings(v[key]) for k, v in ref.items()})
+
+
+def test_jobs_that_cannot_join_a_fleet_run_alone_and_a_refused_one_stops_no_other(tmp_path):
+    proc = fleet_sweep(tmp_path, "name=mixed", "trainer.epochs=1", "pruner=none,magnitude",
+                       "sparsity.percent=50,90,100")
+    assert proc.returncode != 0  # the refused job fails the sweep at its end, as with any launcher
+    found = records(tmp_path)
+    done = [r for r in found.values() if r["status"] == "done"]
+    assert len(done) == 3  # none (once: its runs at 50 and 90 share a directory), magnitude 50, 90
+    assert "runs as a single run: its run directory is job" in proc.stdout
+    assert "runs as a single run: its config is refused" in proc.stdout
+    assert any(r["status"] == "failed" for r in found.values())
