@@ -172,47 +172,71 @@ class Stack:
         self.eval_batch = max(1, min(base, budget // (k * act)))
 
     # -- moving state between the members and the stack -------------------------------------------
+    def _pairs(self, key: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Rows of the stacked parameters (key None) or of their Adam state `key`, and the
+        members' tensors they correspond to (None where a member has no Adam state yet)."""
+        stacked, own = [], []
+        for i, n in enumerate(self.names):
+            whole = self.params[n].detach() if key is None else self.optimizer.state[self.params[n]][key]
+            for k, p in enumerate(self.member_params):
+                stacked.append(whole[k])
+                state = self.runs[k].optimizer.state.get(p[i])
+                own.append(p[i].detach() if key is None else state[key] if state else None)
+        return stacked, own
+
     @torch.no_grad()
     def _gather_params(self) -> None:
-        rows = [list(self.params[n].detach().unbind(0)) for n in self.names]
-        torch._foreach_copy_([r for row in rows for r in row],
-                             [p[i] for i in range(len(self.names)) for p in self.member_params])
+        torch._foreach_copy_(*self._pairs(None))
+
+    def _states(self) -> list[dict | None]:
+        """Each member's Adam state of its first parameter (None before its first step)."""
+        return [r.optimizer.state.get(p[0]) for r, p in zip(self.runs, self.member_params, strict=True)]
 
     @torch.no_grad()
     def _gather_training_state(self) -> None:
         """Weights, Adam state and gradient masks of every member (they change between epochs:
         a prune clears the moments of the weights it removes)."""
         self._gather_params()
-        first_params = [p[0] for p in self.member_params]
-        steps = {float(r.optimizer.state[p]["step"]) if r.optimizer.state.get(p) else 0.0
-                 for r, p in zip(self.runs, first_params, strict=True)}
-        if len(steps) > 1:
+        states = self._states()
+        fresh = not any(states)
+        steps = [0.0] if fresh else torch.stack([s["step"] for s in states if s]).tolist()
+        if not (fresh or all(states)) or len(set(steps)) > 1:
             raise RuntimeError(f"the members of a stack must have taken as many optimizer steps; "
-                               f"found {sorted(steps)}")
-        for i, n in enumerate(self.names):
-            state = self.optimizer.state[self.params[n]]
-            state["step"].fill_(next(iter(steps)))
-            for k, p in enumerate(self.member_params):
-                own = self.runs[k].optimizer.state.get(p[i])
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[key][k].copy_(own[key]) if own else state[key][k].zero_()
+                               f"found {sorted(set(steps))}{'' if all(states) else ' and none'}")
+        for p in self.params.values():
+            self.optimizer.state[p]["step"].fill_(steps[0])
+        for key in ("exp_avg", "exp_avg_sq"):
+            stacked, own = self._pairs(key)
+            torch._foreach_zero_(stacked) if fresh else torch._foreach_copy_(stacked, own)
+        rows, masks = [], []
         for name, factor in zip(self.mask_names, self.factors, strict=True):
             for k, run in enumerate(self.runs):
-                mask = run.masks.get(name) if run.grad_masker is not None else None
-                factor[k].copy_(mask) if mask is not None else factor[k].fill_(1.0)
+                held = run.grad_masker is not None and name in run.masks  # persistent masks
+                rows.append(factor[k])
+                masks.append(run.masks[name].to(factor.dtype) if held else torch.ones_like(factor[k]))
+        if rows:
+            torch._foreach_copy_(rows, masks)
 
     @torch.no_grad()
     def _scatter(self) -> None:
         """Weights and Adam state back into every member's model and optimizer."""
-        rows = [list(self.params[n].detach().unbind(0)) for n in self.names]
-        torch._foreach_copy_([p[i] for i in range(len(self.names)) for p in self.member_params],
-                             [r for row in rows for r in row])
-        for i, n in enumerate(self.names):
+        stacked, own = self._pairs(None)
+        torch._foreach_copy_(own, stacked)
+        if all(self._states()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                stacked, own = self._pairs(key)
+                torch._foreach_copy_(own, stacked)
+            for i, n in enumerate(self.names):
+                step = self.optimizer.state[self.params[n]]["step"]
+                for run, p in zip(self.runs, self.member_params, strict=True):
+                    run.optimizer.state[p[i]]["step"].copy_(step)
+            return
+        for i, n in enumerate(self.names):  # after the first epoch: the members' state is created
             state = self.optimizer.state[self.params[n]]
-            for k, p in enumerate(self.member_params):
-                self.runs[k].optimizer.state[p[i]] = {
-                    "step": state["step"].clone(), "exp_avg": state["exp_avg"][k].clone(),
-                    "exp_avg_sq": state["exp_avg_sq"][k].clone()}
+            for k, (run, p) in enumerate(zip(self.runs, self.member_params, strict=True)):
+                run.optimizer.state[p[i]] = {"step": state["step"].clone(),
+                                             "exp_avg": state["exp_avg"][k].clone(),
+                                             "exp_avg_sq": state["exp_avg_sq"][k].clone()}
 
     # -- training ---------------------------------------------------------------------------------
     def _step(self, idx: torch.Tensor) -> None:
