@@ -15,7 +15,7 @@ else
   EXP := table1
 endif
 
-.PHONY: help install demo test lint bench table1 analysis clean-outputs
+.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ lint: install ## ruff
 
 bench: install ## time our trainer and evidence pass against a plain PyTorch loop
 	$(PY) -m bayes_prune.bench
+
+gpu-check: ## on a CUDA machine: bench, fleet and CUDA-graph tests, the suite; results in OUT=dir
+	bash tests/gpu_check.sh
 
 table1: install ## run the Table 1 grid (QUICK=1: table1_quick), resumable, then table, figures, report
 	$(PY) train.py -m experiment=$(EXP)_unpruned $(LAUNCH) $(ARGS)

@@ -1,7 +1,7 @@
 """Benchmark the hot path against a plain PyTorch loop, in one process.
 
     python -m bayes_prune.bench [--models fcn cnn] [--n-train 60000] [--repeats 3]
-    python -m bayes_prune.bench --device cuda [--fleet-sizes 1 21 105] [--repeats 2]
+    python -m bayes_prune.bench --device cuda [--fleet-sizes 1 21 105] [--fleet-modes eager graph]
 
 For each model: (a) one epoch of a plain loop (torchvision's MNIST Dataset with ToTensor and
 Normalize, DataLoader(batch_size=64, shuffle=True), torch.optim.Adam, the same model), (b) one epoch
@@ -216,7 +216,7 @@ def cuda_main(args) -> None:
                   f"= {t_train + t_ev:.3f} s per epoch")
             del run
         for k in args.fleet_sizes:
-            for graph in (False, True):
+            for graph in [m == "graph" for m in args.fleet_modes]:
                 label = "CUDA graph" if graph else "eager"
                 runs = [bench_run(name, data, device, False, seed) for seed in range(k)]
                 stack = Stack(runs, graph)
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--fleet-sizes", nargs="+", type=int, default=[1, 21, 105],
                         help="fleet sizes K timed on CUDA")
+    parser.add_argument("--fleet-modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"],
+                        help="fleet training modes timed on CUDA")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():

@@ -15,6 +15,7 @@ sums restored), so the first replayed step starts from exactly the state an eage
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -39,6 +40,12 @@ def use_cuda_graph(setting: CudaGraph, device: torch.device, method_cls) -> bool
         raise ConfigError(f"invalid value trainer.cuda_graph=on: {reason}; use trainer.cuda_graph="
                           f"auto (captures where it can) or off")
     return reason is None
+
+
+def on_device(device: torch.device) -> AbstractContextManager:
+    """Make `device` the current CUDA device (graphs are captured and replayed on the current
+    one, and a run may train on cuda:1 from a thread whose current device is cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 class CapturedSteps:
@@ -146,5 +153,6 @@ class GraphedTrainer:
         perm = torch.randperm(n, generator=generator).to(self.x.device)
         self.loss_sum.zero_()
         self.correct.zero_()
-        return batch_loop(n, size, lambda b: self.steps(perm[b * size:(b + 1) * size]),
-                          self.loss_sum, self.correct, on_batches)
+        with on_device(self.x.device):
+            return batch_loop(n, size, lambda b: self.steps(perm[b * size:(b + 1) * size]),
+                              self.loss_sum, self.correct, on_batches)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Objective
-from .cudagraph import CapturedSteps
+from .cudagraph import CapturedSteps, on_device
 from .evidence import Evidence, add_prior_grad_
 from .models import eval_batch_size, weight_layers
 from .run import RunState
@@ -266,8 +266,9 @@ class Stack:
         perms = perms.to(self.device)
         self.loss_sum.zero_()
         self.correct.zero_()
-        for b in range(0, n, size):
-            self.steps(perms[:, b:b + size])
+        with on_device(self.device):
+            for b in range(0, n, size):
+                self.steps(perms[:, b:b + size])
         self._scatter()
         return [(loss / n, correct / n)
                 for loss, correct in zip(self.loss_sum.tolist(), self.correct.tolist(), strict=True)]
