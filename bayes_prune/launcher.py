@@ -79,7 +79,11 @@ def run_fleets(fleets: list[list[tuple[int, Config, JobContext]]], device: str,
     outcomes: dict[int, Outcome] = {}
     for i, fleet in enumerate(fleets):
         name = f"fleet {i + 1}/{len(fleets)} on {device}"
-        done = Fleet([(cfg, ctx) for _, cfg, ctx in fleet], torch.device(device), name).run()
+        try:
+            done = Fleet([(cfg, ctx) for _, cfg, ctx in fleet], torch.device(device), name).run()
+        except ConfigError as exc:  # e.g. trainer.cuda_graph=on for a fleet placed on the CPU
+            log.error("%s cannot start: %s", name, exc)
+            done = [Outcome(error=exc)] * len(fleet)
         outcomes.update({num: _picklable(o) for (num, _, _), o in zip(fleet, done, strict=True)})
     return outcomes
 
