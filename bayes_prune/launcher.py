@@ -132,27 +132,28 @@ class FleetLauncher(Launcher):
             job.single = f"it could not be prepared ({job.ret._return_value})"
         return job
 
-    def _plan(self, jobs: list[_Job]) -> tuple[dict[str, list[list[_Job]]], list[_Job]]:
-        """Fleets by device, and the jobs that run as single runs afterwards."""
+    def _plan(self, jobs: list[_Job]) -> tuple[list[tuple[str, list[list[_Job]]]], list[_Job]]:
+        """Fleets per worker (a device, listed once per worker), and the jobs that run as single
+        runs afterwards."""
         groups: dict[str, list[_Job]] = defaultdict(list)
         owner: dict[Path, int] = {}
         for job in jobs:
             if job.single is None and job.context is not None:
                 first = owner.setdefault(job.context.run_dir, job.num)
                 if first != job.num:
-                    job.single = (f"its run directory is job #{first}'s (it will find that run done)")
+                    job.single = f"its run directory is job #{first}'s (it will find that run done)"
             if job.single is None:
                 groups[fleet_key(job.cfg)].append(job)
         chunk = self.max_members or max([len(g) for g in groups.values()] or [1])
         fleets = [g[i:i + chunk] for g in groups.values() for i in range(0, len(g), chunk)]
-        by_device: dict[str, list[list[_Job]]] = defaultdict(list)
-        load = dict.fromkeys(self.devices, 0)
-        for fleet in sorted(fleets, key=len, reverse=True):
+        workers: list[tuple[str, list[list[_Job]]]] = [(d, []) for d in self.devices]
+        for fleet in sorted(fleets, key=len, reverse=True):  # largest first, to the least loaded
             pinned = fleet[0].cfg.trainer.device
-            device = pinned if pinned != "auto" else min(load, key=load.get)
-            by_device[device].append(fleet)
-            load[device] = load.get(device, 0) + len(fleet)
-        return by_device, [j for j in jobs if j.single is not None]
+            if pinned != "auto" and pinned not in self.devices:
+                workers.append((pinned, []))
+            slots = [w for w in workers if pinned in ("auto", w[0])]
+            min(slots, key=lambda w: sum(len(f) for f in w[1]))[1].append(fleet)
+        return [w for w in workers if w[1]], [j for j in jobs if j.single is not None]
 
     # -- running them ---------------------------------------------------------------------------
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -165,23 +166,20 @@ class FleetLauncher(Launcher):
         for i, overrides in enumerate(job_overrides):
             jobs.append(self._prepare(initial_job_idx + i, overrides))
             log.info("\t#%d : %s", jobs[-1].num, " ".join(filter_overrides(overrides)))
-        by_device, singles = self._plan(jobs)
+        plan, singles = self._plan(jobs)
         configure_log(self.config.hydra.job_logging, self.config.hydra.verbose)
-        n_fleets = sum(len(f) for f in by_device.values())
         log.info("%d jobs: %d in %d fleet(s) on %s, %d as single runs", len(jobs),
-                 len(jobs) - len(singles), n_fleets, ", ".join(by_device) or "no device",
-                 len(singles))
-        workers = len(by_device)
-        specs = {d: [[(j.num, j.cfg, self._member_context(j, workers)) for j in fleet] for fleet in fleets]
-                 for d, fleets in by_device.items()}
+                 len(jobs) - len(singles), sum(len(f) for _, f in plan),
+                 ", ".join(d for d, _ in plan) or "no device", len(singles))
+        specs = [(device, [[(j.num, j.cfg, self._member_context(j, len(plan))) for j in fleet]
+                           for fleet in fleets]) for device, fleets in plan]
         outcomes: dict[int, Outcome] = {}
-        if workers == 1:
-            (device, fleets), = specs.items()
-            outcomes = run_fleets(fleets, device)
-        elif workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        if len(specs) == 1:
+            outcomes = run_fleets(specs[0][1], specs[0][0])
+        elif len(specs) > 1:  # one worker process per device
+            with ProcessPoolExecutor(len(specs), mp_context=get_context("spawn")) as pool:
                 futures = [pool.submit(run_fleets, fleets, device, self.config.hydra.job_logging)
-                           for device, fleets in specs.items()]
+                           for device, fleets in specs]
                 for future in futures:
                     outcomes.update(future.result())
         for job in jobs:

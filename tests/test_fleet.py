@@ -243,13 +243,38 @@ def test_a_fleet_sweep_killed_midway_loses_no_finished_member_and_resumes_the_re
             assert ours["final"]["test_acc"] == pytest.approx(ref["final"]["test_acc"], abs=1e-9)
 
 
-def test_jobs_that_cannot_join_a_fleet_run_alone_and_a_refused_one_stops_no_other(tmp_path):
+def test_a_sweep_spreads_its_fleets_over_devices_and_runs_refused_jobs_alone(tmp_path):
     proc = fleet_sweep(tmp_path, "name=mixed", "trainer.epochs=1", "pruner=none,magnitude",
-                       "sparsity.percent=50,90,100")
-    assert proc.returncode != 0  # the refused job fails the sweep at its end, as with any launcher
+                       "sparsity.percent=50,100", "trainer.lr=0.001,0.002",
+                       "hydra.launcher.devices=[cpu,cpu]")
+    assert proc.returncode != 0  # the refused jobs fail the sweep at its end, as with any launcher
     found = records(tmp_path)
     done = [r for r in found.values() if r["status"] == "done"]
-    assert len(done) == 3  # none (once: its runs at 50 and 90 share a directory), magnitude 50, 90
-    assert "runs as a single run: its run directory is job" in proc.stdout
-    assert "runs as a single run: its config is refused" in proc.stdout
-    assert any(r["status"] == "failed" for r in found.values())
+    assert len(done) == 4 and {r["threads"] for r in done} == {1}  # 2 cores, 2 worker processes
+    assert len({r["config"]["trainer"]["lr"] for r in done}) == 2
+    pids = {line.split("pid=")[1].split()[0] for line in proc.stdout.splitlines()
+            if "pid=" in line and "/sparsity=100/" not in line}
+    assert len(pids) == 2  # one worker process per device entry, each training one fleet
+    assert proc.stdout.count("runs as a single run: its config is refused") == 4
+    assert [r["status"] for r in found.values() if r["status"] != "done"] == ["failed"] * 2
+
+
+def test_jobs_are_grouped_into_fleets_by_everything_but_pruner_sparsity_and_seed(tmp_path):
+    from hydra.core.utils import JobReturn
+
+    from bayes_prune.launcher import FleetLauncher, _Job
+
+    def job(num: int, *overrides: str, run_dir: str | None = None) -> _Job:
+        cfg = config(overrides)
+        path = tmp_path / (run_dir or str(num))
+        return _Job(num, None, JobReturn(), cfg, JobContext(run_dir=path, overrides=list(overrides)))
+
+    jobs = [job(0, "pruner=magnitude", "seed=0"), job(1, "pruner=random", "sparsity.percent=90", "seed=1"),
+            job(2, "trainer.lr=0.01"), job(3, "model.hidden=[16]"), job(4, "pruner=none", "seed=2"),
+            job(5, "pruner=none", "seed=2", run_dir="4"), job(6, "trainer.device=cpu")]
+    launcher = FleetLauncher(devices=["cpu", "cpu"], max_members=2)
+    plan, singles = launcher._plan(jobs)
+    fleets = sorted(sorted(j.num for j in f) for _, fs in plan for f in fs)
+    assert fleets == [[0, 1], [2], [3], [4], [6]]  # 0, 1, 4 share a key; max_members splits them
+    assert [j.num for j in singles] == [5] and "job #4's" in singles[0].single
+    assert [len(fs) for _, fs in plan] == [3, 2] or [len(fs) for _, fs in plan] == [2, 3]
