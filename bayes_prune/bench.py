@@ -192,8 +192,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cuda_main(args) -> None:
-    device = torch.device("cuda")
+def cuda_main(args, device: torch.device) -> None:
     root = os.environ.get("BAYES_PRUNE_DATA", "data")
     peak, how = fp32_peak(device)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, fp32 peak "
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda: no CUDA device is available here")
-        cuda_main(args)
+        cuda_main(args, torch.device("cuda"))
         return
     device = torch.device("cpu")
     root = os.environ.get("BAYES_PRUNE_DATA", "data")
