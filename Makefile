@@ -5,10 +5,16 @@ PY     := $(VENV)/bin/python
 N_JOBS ?= 2
 # Hydra overrides passed through to sweeps, e.g. make table1 ARGS="dataset=mnist model=fcn seed=0,1"
 ARGS   ?=
+# joblib (N_JOBS parallel single runs) or fleet (stacked fleets, one per GPU at a time)
+LAUNCHER ?= joblib
 # Real datasets: BAYES_PRUNE_DATA, else ../shared/datasets when it exists, else data/ (downloads).
 export BAYES_PRUNE_DATA ?= $(if $(wildcard ../shared/datasets/MNIST),$(abspath ../shared/datasets),data)
 
-LAUNCH := hydra/launcher=joblib hydra.launcher.n_jobs=$(N_JOBS)
+ifeq ($(LAUNCHER),fleet)
+  LAUNCH := hydra/launcher=fleet
+else
+  LAUNCH := hydra/launcher=joblib hydra.launcher.n_jobs=$(N_JOBS)
+endif
 ifeq ($(QUICK),1)
   EXP := table1_quick
 else
