@@ -197,14 +197,24 @@ def cuda_main(args, device: torch.device) -> None:
     peak, how = fp32_peak(device)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, fp32 peak "
           f"{peak / 1e12:.1f} TFLOP/s ({how}); median of {args.repeats} epochs after an untimed one")
+    shape = tuple(args.shape)
     for name in args.models:
-        x, y = our_data(root, args.n_train, channels_last=name == "cnn")
+        if shape == (1, 28, 28):
+            x, y = our_data(root, args.n_train, channels_last=name == "cnn")
+            source = "MNIST-shaped"
+        else:  # e.g. CIFAR-10's 3x32x32, which is timed on random images of its shape
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn((args.n_train, *shape), generator=g)
+            y = torch.randint(10, (args.n_train,), generator=g)
+            x = x.contiguous(memory_format=torch.channels_last) if name == "cnn" else x
+            source = f"random {'x'.join(map(str, shape))}"
         data = Data(x.to(device), y.to(device), x[:10000].to(device), y[:10000].to(device), 10)
-        model = build_model(FCNConfig() if name == "fcn" else CNNConfig(), (1, 28, 28), 10)
-        macs = sum(DenseReference.of(model, (1, 28, 28)).macs.values())
+        model = build_model(FCNConfig() if name == "fcn" else CNNConfig(), shape, 10)
+        macs = sum(DenseReference.of(model, shape).macs.values())
         limit = 6 * macs * len(x) / peak
-        print(f"{name}: {len(x)} examples, 90 % persistent magnitude sparsity, posterior objective; "
-              f"fp32 compute limit {limit:.4f} s per model-epoch (6 x {macs / 1e6:.2f}M MACs x examples)")
+        print(f"{name}: {len(x)} {source} examples, 90 % persistent magnitude sparsity, posterior "
+              f"objective; fp32 compute limit {limit:.4f} s per model-epoch (6 x {macs / 1e6:.2f}M MACs "
+              f"x examples)")
         for graph in (False, True):
             label = "CUDA graph" if graph else "eager"
             run = bench_run(name, data, device, graph, 0)
@@ -238,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--fleet-sizes", nargs="+", type=int, default=[1, 21, 105],
                         help="fleet sizes K timed on CUDA")
+    parser.add_argument("--shape", nargs=3, type=int, default=[1, 28, 28], metavar=("C", "H", "W"),
+                        help="input shape on CUDA: 1 28 28 is MNIST, 3 32 32 random CIFAR-10-shaped images")
     parser.add_argument("--fleet-modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"],
                         help="fleet training modes timed on CUDA")
     args = parser.parse_args(argv)
