@@ -295,12 +295,14 @@ def _run(cfg: Config, method, record: dict, job: JobContext, device: torch.devic
     t_start = time.perf_counter()
     first_threads = ckpt.get("threads", record["threads"]) if ckpt else record["threads"]
 
+    save = job.seat.save if job.seat else save_torch  # a fleet writes checkpoints in the background
+
     def checkpoint() -> None:
         record["history"], record["updated_at"] = run.history, _now()
-        save_torch(ckpt_path, {"config": record["config"], "run": run.state_dict(),
-                               "wall_seconds": run.wall_before + time.perf_counter() - t_start,
-                               "started_at": record["started_at"], "threads": first_threads,
-                               "resumes": record["resumes"]})
+        save(ckpt_path, {"config": record["config"], "run": run.state_dict(),
+                          "wall_seconds": run.wall_before + time.perf_counter() - t_start,
+                          "started_at": record["started_at"], "threads": first_threads,
+                          "resumes": record["resumes"]})
         write_json(run_dir / METRICS, record)
 
     run_phases(run, bars, checkpoint)

@@ -21,7 +21,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -33,6 +35,7 @@ from .evidence import Evidence
 from .experiment import JobContext, run_experiment
 from .methods import Method, method_class
 from .models import has_conv
+from .record import save_torch
 from .run import RunState
 from .stacked import Stack, stacking_problem, start_signature
 from .trainer import Diverged
@@ -93,6 +96,9 @@ class Seat:
     def ask(self, kind: str, payload: object = None):
         return self.fleet.ask(self.member, kind, payload)
 
+    def save(self, path, obj) -> None:
+        self.fleet.save(path, obj)
+
 
 class MemberRun(RunState):
     """A run whose training epochs, test passes and evidence passes its fleet computes."""
@@ -139,6 +145,8 @@ class Fleet:
         self.running: _Member | None = None  # the member thread that runs now, if not us
         self._data: Data | DataError | None = None
         self.stack: Stack | None = None
+        self.writer = ThreadPoolExecutor(4, thread_name_prefix=f"{name}-checkpoints")
+        self.writes: dict[Path, Future] = {}  # pending checkpoint writes by file
         first = jobs[0][0]
         self.graph = use_cuda_graph(first.trainer.cuda_graph, device, method_class(first.pruner.method))
         self.channels_last = has_conv(_meta_model(first))
@@ -155,6 +163,24 @@ class Fleet:
         if isinstance(self._data, DataError):
             raise DataError(str(self._data))
         return self._data
+
+    def save(self, path, obj) -> None:
+        """Write a member's checkpoint in the background, overlapped with the next stacked epoch.
+
+        Its tensors stay untouched until that epoch's results are scattered into the members,
+        which waits for every pending write (`flush`); on a GPU they are copied to the host first.
+        """
+        if path in self.writes:  # one write at a time per file, in order
+            self.writes.pop(path).result()
+        if self.device.type != "cpu":
+            obj = _to_cpu(obj)
+        self.writes[path] = self.writer.submit(save_torch, path, obj)
+
+    def flush(self) -> None:
+        """Wait for the pending checkpoint writes (raises the first write's error)."""
+        writes, self.writes = self.writes, {}
+        for w in writes.values():
+            w.result()
 
     def ask(self, member: _Member, kind: str, payload: object = None):
         member.ask = (kind, payload)
@@ -213,6 +239,9 @@ class Fleet:
             raise
         finally:
             self.stack = None
+            for w in self.writes.values():  # whatever happened, let the started writes finish
+                w.exception()
+            self.writer.shutdown()
         for t in threads:
             t.join()
         return [m.outcome or Outcome(error=RuntimeError("the member did not finish")) for m in self.members]
@@ -237,7 +266,7 @@ class Fleet:
             try:
                 members = [index[id(m)] for m in asking]
                 if kind == "train":
-                    replies = self.stack.train_epoch()
+                    replies = self.stack.train_epoch(before_scatter=self.flush)
                 elif kind == "evaluate":
                     replies = self.stack.evaluate(members)
                 else:
@@ -253,6 +282,17 @@ class Fleet:
                          self.name, len(asking), seconds, seconds / len(asking))
             for m, reply in zip(asking, replies, strict=True):
                 self._turn(m, reply)
+
+
+def _to_cpu(obj):
+    """`obj` with every tensor in it copied to the host."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _failure(kind: str, exc: Exception) -> RuntimeError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.plugins import Plugins
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
@@ -88,15 +90,47 @@ def run_fleets(fleets: list[list[tuple[int, Config, JobContext]]], device: str,
     return outcomes
 
 
+def prepare_job(hydra_context: HydraContext, config: DictConfig, singleton_state: dict | None,
+                num: int, overrides: Sequence[str]) -> _Job:
+    """Job `num` resolved as Hydra would run it (its config, directory, overrides, .hydra files),
+    validated, and whether it can join a fleet."""
+    if singleton_state is not None:  # a worker process
+        Singleton.set_state(singleton_state)
+        setup_globals()
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = num
+        sweep_config.hydra.job.num = num
+    job = _Job(num, sweep_config, JobReturn())
+
+    def prepare(task_cfg: DictConfig) -> None:
+        job.context = cli.job_context(task_cfg)
+        try:
+            cfg = validate(task_cfg)
+            check_buildable(cfg, method_class(cfg.pruner.method)(cfg.pruner, cfg))
+        except ConfigError as exc:
+            job.single = f"its config is refused ({str(exc).splitlines()[0]})"
+            return
+        job.cfg, job.single = cfg, fleet_problem(cfg)
+
+    job.ret = run_job(hydra_context=hydra_context, task_function=prepare, config=sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
+                      configure_logging=False)
+    if job.ret.status is not JobStatus.COMPLETED:
+        job.single = f"it could not be prepared ({job.ret._return_value})"
+    return job
+
+
 class FleetLauncher(Launcher):
-    def __init__(self, devices: str | Sequence[str] = "auto", max_members: int | None = None) -> None:
+    def __init__(self, devices: str | Sequence[str] = "auto", max_members: int | None = None,
+                 prepare_workers: int | None = None) -> None:
         self.devices = auto_devices() if devices == "auto" else [str(d) for d in devices]
         for d in self.devices:
             check_device(d)
         if max_members is not None and max_members < 1:
             raise ConfigError(f"invalid value hydra.launcher.max_members={max_members}: expected "
                               f"null or an integer >= 1")
-        self.max_members = max_members
+        self.max_members, self.prepare_workers = max_members, prepare_workers
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -106,31 +140,23 @@ class FleetLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     # -- preparing the jobs ---------------------------------------------------------------------
-    def _prepare(self, num: int, overrides: Sequence[str]) -> _Job:
-        """Resolve job `num` as Hydra would run it, without running it."""
+    def _prepare_all(self, job_overrides: Sequence[Sequence[str]], first: int) -> list[_Job]:
+        """Resolve every job as Hydra would run it, without running it: one Hydra composition
+        each, in worker processes when there are many jobs (the compositions dominate)."""
         assert self.config is not None and self.hydra_context is not None
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = num
-            sweep_config.hydra.job.num = num
-        job = _Job(num, sweep_config, JobReturn())
+        nums = range(first, first + len(job_overrides))
+        workers = self.prepare_workers
+        if workers is None:
+            workers = min(16, os.cpu_count() or 1) if len(job_overrides) >= 64 else 1
+        if workers <= 1:
+            return [prepare_job(self.hydra_context, self.config, None, n, o)
+                    for n, o in zip(nums, job_overrides, strict=True)]
+        from joblib import Parallel, delayed  # loky pickles Hydra's state as the joblib launcher does
 
-        def prepare(task_cfg: DictConfig) -> None:
-            job.context = cli.job_context(task_cfg)
-            try:
-                cfg = validate(task_cfg)
-                check_buildable(cfg, method_class(cfg.pruner.method)(cfg.pruner, cfg))
-            except ConfigError as exc:
-                job.single = f"its config is refused ({str(exc).splitlines()[0]})"
-                return
-            job.cfg, job.single = cfg, fleet_problem(cfg)
-
-        job.ret = run_job(hydra_context=self.hydra_context, task_function=prepare, config=sweep_config,
-                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
-                          configure_logging=False)
-        if job.ret.status is not JobStatus.COMPLETED:
-            job.single = f"it could not be prepared ({job.ret._return_value})"
-        return job
+        state = Singleton.get_state()
+        return Parallel(n_jobs=workers, backend="loky", batch_size=8)(
+            delayed(prepare_job)(self.hydra_context, self.config, state, n, o)
+            for n, o in zip(nums, job_overrides, strict=True))
 
     def _plan(self, jobs: list[_Job]) -> tuple[list[tuple[str, list[list[_Job]]]], list[_Job]]:
         """Fleets per worker (a device, listed once per worker), and the jobs that run as single
@@ -162,10 +188,9 @@ class FleetLauncher(Launcher):
         assert self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        jobs = []
-        for i, overrides in enumerate(job_overrides):
-            jobs.append(self._prepare(initial_job_idx + i, overrides))
-            log.info("\t#%d : %s", jobs[-1].num, " ".join(filter_overrides(overrides)))
+        jobs = self._prepare_all(job_overrides, initial_job_idx)
+        for job, overrides in zip(jobs, job_overrides, strict=True):
+            log.info("\t#%d : %s", job.num, " ".join(filter_overrides(overrides)))
         plan, singles = self._plan(jobs)
         configure_log(self.config.hydra.job_logging, self.config.hydra.verbose)
         log.info("%d jobs: %d in %d fleet(s) on %s, %d as single runs", len(jobs),

@@ -12,6 +12,7 @@ what a single run holds (checkpoints and methods see nothing else).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from enum import Enum
 
@@ -257,9 +258,10 @@ class Stack:
             self.loss_sum += losses.detach() * b
             self.correct += (logits.argmax(-1) == yb).sum(1)
 
-    def train_epoch(self) -> list[tuple[float, float]]:
+    def train_epoch(self, before_scatter: Callable[[], None] | None = None) -> list[tuple[float, float]]:
         """One epoch of every member, in its own data order; (mean loss, accuracy) per member
-        (NaN for a member whose loss diverged: the others are unaffected)."""
+        (NaN for a member whose loss diverged: the others are unaffected). `before_scatter` runs
+        before the results are written into the members (a fleet waits for their checkpoints)."""
         self._gather_training_state()
         n, size = len(self.x), self.cfg.trainer.batch_size
         perms = torch.stack([torch.randperm(n, generator=r.shuffle_gen) for r in self.runs])
@@ -269,6 +271,8 @@ class Stack:
         with on_device(self.device):
             for b in range(0, n, size):
                 self.steps(perms[:, b:b + size])
+        if before_scatter is not None:
+            before_scatter()
         self._scatter()
         return [(loss / n, correct / n)
                 for loss, correct in zip(self.loss_sum.tolist(), self.correct.tolist(), strict=True)]
