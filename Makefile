@@ -5,17 +5,23 @@ PY     := $(VENV)/bin/python
 N_JOBS ?= 2
 # Hydra overrides passed through to sweeps, e.g. make table1 ARGS="dataset=mnist model=fcn seed=0,1"
 ARGS   ?=
+# joblib (N_JOBS parallel single runs) or fleet (stacked fleets, one per GPU at a time)
+LAUNCHER ?= joblib
 # Real datasets: BAYES_PRUNE_DATA, else ../shared/datasets when it exists, else data/ (downloads).
 export BAYES_PRUNE_DATA ?= $(if $(wildcard ../shared/datasets/MNIST),$(abspath ../shared/datasets),data)
 
-LAUNCH := hydra/launcher=joblib hydra.launcher.n_jobs=$(N_JOBS)
+ifeq ($(LAUNCHER),fleet)
+  LAUNCH := hydra/launcher=fleet
+else
+  LAUNCH := hydra/launcher=joblib hydra.launcher.n_jobs=$(N_JOBS)
+endif
 ifeq ($(QUICK),1)
   EXP := table1_quick
 else
   EXP := table1
 endif
 
-.PHONY: help install demo test lint bench table1 analysis clean-outputs
+.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -41,6 +47,9 @@ lint: install ## ruff
 
 bench: install ## time our trainer and evidence pass against a plain PyTorch loop
 	$(PY) -m bayes_prune.bench
+
+gpu-check: ## on a CUDA machine: bench, fleet and CUDA-graph tests, the suite; results in OUT=dir
+	bash tests/gpu_check.sh
 
 table1: install ## run the Table 1 grid (QUICK=1: table1_quick), resumable, then table, figures, report
 	$(PY) train.py -m experiment=$(EXP)_unpruned $(LAUNCH) $(ARGS)

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bayes_prune import cli
 from bayes_prune.config import ConfigError, register_configs, validate
 from bayes_prune.data import DataError
-from bayes_prune.experiment import JobContext, RunDirError, run_experiment
+from bayes_prune.experiment import RunDirError, run_experiment
 from bayes_prune.record import write_json
 from bayes_prune.schema import METRICS, SCHEMA_VERSION
 
@@ -39,22 +36,8 @@ def _record_invalid_job(run_dir: Path, cfg: DictConfig, overrides: list[str], ex
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     cli.state["task_started"] = True
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None) if multirun else None
-    if n_jobs is not None and n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...
-        n_jobs = (os.cpu_count() or 1) + 1 + n_jobs
-    overrides = list(hc.overrides.task)
-    job = JobContext(
-        run_dir=Path(hc.runtime.output_dir),
-        overrides=overrides,
-        multirun=multirun,
-        parallel_jobs=max(1, n_jobs or 1),
-        lock_dir=Path(hc.sweep.dir) / ".gpu_locks" if multirun else None,
-        hydra_files={"config.yaml": OmegaConf.to_yaml(cfg),
-                     "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
-                     "overrides.yaml": OmegaConf.to_yaml(overrides)},
-    )
+    job = cli.job_context(cfg)
+    multirun, overrides = job.multirun, job.overrides
     try:
         record = run_experiment(validate(cfg), job)  # validation comes before any data is loaded
     except (ConfigError, DataError) as exc:

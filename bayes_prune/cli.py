@@ -13,11 +13,45 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from .experiment import JobContext
 
 NUMERIC_CHOICE = re.compile(r"^(sparsity)=(-?\d+(?:\.\d+)?(?:,-?\d+(?:\.\d+)?)*)$")
 BAD_INPUT_EXIT = 2
 INTERRUPTED_EXIT = 130
 state = {"task_started": False}  # set by the task function: errors before it are Hydra's set-up
+
+
+def job_context(cfg: DictConfig) -> JobContext:
+    """What the Hydra job running now tells its run: its directory, overrides, whether it is one
+    of a multirun and how many jobs run beside it, and its .hydra/ files (inside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from .experiment import JobContext
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None) if multirun else None
+    if n_jobs is not None and n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...
+        n_jobs = (os.cpu_count() or 1) + 1 + n_jobs
+    overrides = list(hc.overrides.task)
+    return JobContext(
+        run_dir=Path(hc.runtime.output_dir),
+        overrides=overrides,
+        multirun=multirun,
+        parallel_jobs=max(1, n_jobs or 1),
+        lock_dir=Path(hc.sweep.dir) / ".gpu_locks" if multirun else None,
+        hydra_files={"config.yaml": OmegaConf.to_yaml(cfg),
+                     "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
+                     "overrides.yaml": OmegaConf.to_yaml(overrides)},
+    )
 
 
 def exit_bad_input(exc: BaseException) -> None:

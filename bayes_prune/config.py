@@ -63,6 +63,12 @@ class Progress(str, Enum):
     off = "off"
 
 
+class CudaGraph(str, Enum):
+    auto = "auto"  # on CUDA, for methods whose step can be captured (cudagraph.py)
+    on = "on"  # required: a run that cannot capture its step stops before any compute
+    off = "off"  # eager steps
+
+
 @dataclass
 class DatasetConfig:
     name: DatasetName = DatasetName.mnist
@@ -158,6 +164,7 @@ class TrainerConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default (or the launcher's share)
     eval_batch_size: int | None = None  # test and evidence passes; None = measured default
     progress: Progress = Progress.auto
+    cuda_graph: CudaGraph = CudaGraph.auto  # replay each training step from a CUDA graph
 
     def __post_init__(self) -> None:
         check(self.optimizer == "adam", "trainer.optimizer", self.optimizer, "'adam'")
@@ -239,6 +246,9 @@ def register_configs() -> None:
         cs.store(group="schema/pruner", name=key, node=cls.config)
     if not OmegaConf.has_resolver("bp_sparsity"):
         OmegaConf.register_new_resolver("bp_sparsity", _sparsity_folder)
+    from .launcher import register_launcher
+
+    register_launcher()  # hydra/launcher=fleet
 
 
 def validate(cfg: DictConfig) -> Config:

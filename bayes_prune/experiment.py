@@ -16,20 +16,23 @@ import fcntl
 import logging
 import os
 import random
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import Config, ConfigError, to_dict
+from .cudagraph import use_cuda_graph
 from .data import input_shape, load_data
-from .devices import check_device, job_device, threads_per_job
+from .devices import auto_device, check_device, job_device, threads_per_job
 from .methods import method_class
 from .metrics import size_metrics
 from .phases import run_phases
@@ -48,6 +51,9 @@ from .schema import (
     result_config,
 )
 from .trainer import Diverged
+
+if TYPE_CHECKING:
+    from .fleet import Seat
 
 log = logging.getLogger("bayes_prune")
 
@@ -71,6 +77,7 @@ class JobContext:
     parallel_jobs: int = 1
     lock_dir: Path | None = None
     hydra_files: dict[str, str] = field(default_factory=dict)  # .hydra/<name>: YAML text
+    seat: Seat | None = None  # set by the fleet launcher: the run is a member of a stacked fleet
 
 
 def _now() -> str:
@@ -123,9 +130,12 @@ def own_run_dir(run_dir: Path) -> Iterator[Callable[[], None]]:
 
 @contextmanager
 def run_log(run_dir: Path) -> Iterator[None]:
-    """Append this process's log records to the run's train.log while it owns the run."""
+    """Append this thread's log records to the run's train.log while it owns the run (the members
+    of a fleet are threads of one process, each writing its own log)."""
     handler = logging.FileHandler(run_dir / LOG)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    owner = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == owner)
     root = logging.getLogger()
     root.addHandler(handler)
     try:
@@ -164,6 +174,8 @@ def check_buildable(cfg: Config, method) -> None:
     """Build the network on the meta device (no memory, no compute) to catch a model that does
     not fit the data's shape, and check the device exists, before any data is loaded."""
     check_device(cfg.trainer.device)
+    device = auto_device() if cfg.trainer.device == "auto" else torch.device(cfg.trainer.device)
+    use_cuda_graph(cfg.trainer.cuda_graph, device, type(method))
     shape, classes = input_shape(cfg.dataset)
     try:
         with torch.device("meta"):
@@ -210,14 +222,15 @@ def _own_run(cfg: Config, method, config: dict, job: JobContext, existing: dict 
         "history": (existing or {}).get("history") or [], "resumes": [], "final": None,
     }
     try:
-        with job_device(cfg.trainer.device, job.lock_dir) as device:
+        placed = nullcontext(job.seat.device) if job.seat else job_device(cfg.trainer.device, job.lock_dir)
+        with placed as device:
             threads = threads_per_job(cfg.trainer.threads, job.parallel_jobs)
             torch.set_num_threads(threads)
             record.update(device=str(device), threads=threads)
             write_json(run_dir / METRICS, record)  # visible as running from the first second
             bars = use_bars(cfg.trainer.progress, job.multirun)
             with logging_redirect_tqdm() if bars else nullcontext():
-                _run(cfg, method, record, run_dir, device, bars)
+                _run(cfg, method, record, job, device, bars)
     except ConfigError:  # a bad input found late (e.g. a damaged checkpoint): files untouched
         raise
     except BaseException as exc:
@@ -250,14 +263,15 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
     return ckpt
 
 
-def _run(cfg: Config, method, record: dict, run_dir: Path, device: torch.device, bars: bool) -> None:
+def _run(cfg: Config, method, record: dict, job: JobContext, device: torch.device, bars: bool) -> None:
+    run_dir = job.run_dir
     seed_everything(cfg.seed)
     ckpt_path = run_dir / CHECKPOINT
     ckpt = _load_checkpoint(ckpt_path, device) if cfg.resume and ckpt_path.exists() else None
     if ckpt is not None:
         check_same_config(ckpt["config"], record["config"], run_dir)
-    data = load_data(cfg.dataset, cfg.paths.data_dir, device)
-    run = RunState(cfg, method, data, device)
+    data = (job.seat.load_data if job.seat else load_data)(cfg.dataset, cfg.paths.data_dir, device)
+    run = (job.seat.run_state if job.seat else RunState)(cfg, method, data, device)
     method.start(run)
     if ckpt is not None:
         run.load_state_dict(ckpt["run"])
@@ -281,12 +295,14 @@ def _run(cfg: Config, method, record: dict, run_dir: Path, device: torch.device,
     t_start = time.perf_counter()
     first_threads = ckpt.get("threads", record["threads"]) if ckpt else record["threads"]
 
+    save = job.seat.save if job.seat else save_torch  # a fleet writes checkpoints in the background
+
     def checkpoint() -> None:
         record["history"], record["updated_at"] = run.history, _now()
-        save_torch(ckpt_path, {"config": record["config"], "run": run.state_dict(),
-                               "wall_seconds": run.wall_before + time.perf_counter() - t_start,
-                               "started_at": record["started_at"], "threads": first_threads,
-                               "resumes": record["resumes"]})
+        save(ckpt_path, {"config": record["config"], "run": run.state_dict(),
+                          "wall_seconds": run.wall_before + time.perf_counter() - t_start,
+                          "started_at": record["started_at"], "threads": first_threads,
+                          "resumes": record["resumes"]})
         write_json(run_dir / METRICS, record)
 
     run_phases(run, bars, checkpoint)

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .config import Config, Objective, Phase
+from .cudagraph import GraphedTrainer, use_cuda_graph
 from .data import Data
-from .evidence import add_prior_grad_, evaluate
+from .evidence import Evidence, add_prior_grad_, evaluate
 from .masks import GradMasker, Masks, apply_masks, weight_masks, zero_optimizer_state
 from .methods.base import Method, Step
 from .metrics import DenseReference
@@ -50,6 +51,7 @@ class RunState:
         self.position = Position()
         self.history: list[dict] = []
         self.wall_before = 0.0
+        self.graph = use_cuda_graph(cfg.trainer.cuda_graph, device, type(method))
         self._bind()
         self.masks: Masks = weight_masks(self.prunable)
         self.grad_masker: GradMasker | None = GradMasker(self.model, self.masks)
@@ -65,9 +67,10 @@ class RunState:
     def _bind(self) -> None:
         """(Re)derive what depends on the model's parameters."""
         self.optimizer = make_optimizer(self.model, self.cfg.trainer.lr, self.device,
-                                        self.cfg.trainer.weight_decay)
+                                        self.cfg.trainer.weight_decay, capturable=self.graph)
         self.prunable = self.method.prunable(self.model)
         self.prior_weights = [m.weight for m in weight_layers(self.model).values()]
+        self.graphed: GraphedTrainer | None = None  # captured at the first epoch on CUDA
 
     # -- the only ways methods change the network -----------------------------------------------
     def set_masks(self, masks: Masks, persistent: bool = True) -> None:
@@ -80,6 +83,8 @@ class RunState:
             self.grad_masker = GradMasker(self.model, masks)
         else:
             self.grad_masker = None
+        if self.graphed is not None:
+            self.graphed.set_masks(masks, persistent)
 
     def set_model(self, model: nn.Module, masks: Masks | None = None) -> None:
         """Replace the network (e.g. by a smaller one from `structure.cut`): a fresh optimizer,
@@ -94,6 +99,14 @@ class RunState:
         cfg, method = self.cfg, self.method
         posterior = cfg.trainer.objective is Objective.posterior
         n_train = len(self.data.x_train)
+        if self.graph:
+            if self.graphed is None:
+                self.graphed = GraphedTrainer(
+                    self.model, self.optimizer, self.data.x_train, self.data.y_train,
+                    cfg.trainer.batch_size, method.loss, list(self.masks), self.prior_weights,
+                    cfg.prior if posterior else None)
+                self.graphed.set_masks(self.masks, self.grad_masker is not None)
+            return self.graphed.epoch(self.shuffle_gen, on_batches)
 
         def before_step() -> None:
             if self.grad_masker is not None:
@@ -109,6 +122,12 @@ class RunState:
         return train_epoch(self.model, self.optimizer, self.data.x_train, self.data.y_train,
                            cfg.trainer.batch_size, self.shuffle_gen, loss_fn=method.loss,
                            before_step=before_step, extra_loss=extra_loss, on_batches=on_batches)
+
+    def evidence(self, subsample: int | None, seed: int, predict) -> Evidence:
+        """The log-likelihood pass over the training set (or a fixed subsample of it) that a
+        method's Bayes factors use; a fleet member's is computed by its fleet."""
+        return Evidence(self.data.x_train, self.data.y_train, self.eval_batch_size, subsample, seed,
+                        predict)
 
     def evaluate(self) -> tuple[float, float]:
         """(mean test loss, test accuracy) of the network as it stands."""
@@ -139,6 +158,9 @@ class RunState:
             self._bind()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the checkpoint may come from an eager run
+            group["capturable"] = self.graph
+        self.graphed = None  # its capture holds the optimizer state tensors just replaced
         self.masks = {n: m.to(self.device) for n, m in state["masks"].items()}
         self.grad_masker = GradMasker(self.model, self.masks) if state["persistent"] else None
         self.shuffle_gen.set_state(state["shuffle_gen"])

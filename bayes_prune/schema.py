@@ -77,7 +77,7 @@ FINAL_FIELDS = {
 # Config keys that do not change a run's results: a run directory may be resumed under other
 # values of them, and analysis does not tell runs apart by them.
 NON_RESULT_KEYS = ("paths", "resume", "name", "trainer.device", "trainer.progress",
-                   "trainer.threads", "trainer.eval_batch_size")
+                   "trainer.threads", "trainer.eval_batch_size", "trainer.cuda_graph")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

@@ -30,9 +30,33 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor
 
 
 def make_optimizer(model: nn.Module, lr: float, device: torch.device,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+                   weight_decay: float = 0.0, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam, fused where the device has the kernel; `capturable` keeps its step count on the
+    device so that a CUDA graph can replay the step (cudagraph.py)."""
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused,
+                            capturable=capturable)
+
+
+def batch_loop(n: int, batch_size: int, step: Callable[[int], None], loss_sum: torch.Tensor,
+               correct: torch.Tensor, on_batches: Callable[[int, float, float], None] | None = None,
+               report_every: int | None = None) -> tuple[float, float]:
+    """Run `step(b)` for every batch b of an epoch over n examples; each step adds its batch's
+    summed loss and correct predictions to the device tensors `loss_sum` and `correct`, which are
+    read only every `report_every` batches (no host synchronisation in between). Returns (mean
+    loss, accuracy); raises Diverged when the mean loss is NaN or infinite at a reading."""
+    n_batches = (n + batch_size - 1) // batch_size
+    report_every = report_every or min(50, max(1, n_batches // 20))
+    for b in range(n_batches):
+        step(b)
+        if (b + 1) % report_every == 0 or b + 1 == n_batches:
+            seen = min(n, (b + 1) * batch_size)
+            mean = float(loss_sum) / seen
+            if not math.isfinite(mean):
+                raise Diverged(f"the training loss became {mean} by batch {b + 1} of {n_batches}")
+            if on_batches is not None:
+                on_batches(b + 1, mean, float(correct) / seen)
+    return float(loss_sum) / n, float(correct) / n
 
 
 def train_epoch(
@@ -61,9 +85,8 @@ def train_epoch(
     xp, yp = x[perm], y[perm]
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    n_batches = (n + batch_size - 1) // batch_size
-    report_every = report_every or min(50, max(1, n_batches // 20))
-    for b in range(n_batches):
+
+    def step(b: int) -> None:
         xb = xp[b * batch_size : (b + 1) * batch_size]
         yb = yp[b * batch_size : (b + 1) * batch_size]
         loss, logits = loss_fn(model, xb, yb)
@@ -74,13 +97,7 @@ def train_epoch(
             before_step()
         optimizer.step()
         with torch.no_grad():
-            loss_sum += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-        if (b + 1) % report_every == 0 or b + 1 == n_batches:
-            seen = min(n, (b + 1) * batch_size)
-            mean = float(loss_sum) / seen
-            if not math.isfinite(mean):
-                raise Diverged(f"the training loss became {mean} by batch {b + 1} of {n_batches}")
-            if on_batches is not None:
-                on_batches(b + 1, mean, float(correct) / seen)
-    return float(loss_sum) / n, float(correct) / n
+            loss_sum.add_(loss.detach() * len(yb))
+            correct.add_((logits.argmax(1) == yb).sum())
+
+    return batch_loop(n, batch_size, step, loss_sum, correct, on_batches, report_every)

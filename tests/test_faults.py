@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, compose_cfg, train_cmd
+from conftest import ROOT, compose_cfg, mnist_root, needs_mnist, train_cmd
 
 from analysis.collect import collect
 from analysis.table import table1
-from bayes_prune.config import ConfigError, validate
+from bayes_prune.config import ConfigError, DatasetConfig, DatasetName, validate
+from bayes_prune.data import load_data
 from bayes_prune.experiment import JobContext, RunDirError, run_experiment
 from bayes_prune.schema import CHECKPOINT, LOCK, LOG, METRICS
 from bayes_prune.summary import lines
@@ -99,10 +100,14 @@ def test_out_of_range_and_unknown_settings_are_refused_before_any_data(override,
     assert needle in str(err.value)
 
 
+@needs_mnist
 def test_a_damaged_dataset_file_is_named_as_found_but_unreadable(tmp_path):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for p in (SHARED_DATA / "MNIST" / "raw").glob("*-ubyte"):
+    source = mnist_root() / "MNIST" / "raw"
+    if not list(source.glob("*-ubyte")):  # a copy with the .gz files only: the loader extracts them
+        load_data(DatasetConfig(name=DatasetName.mnist), mnist_root(), torch.device("cpu"))
+    for p in source.glob("*-ubyte"):
         shutil.copy(p, raw / p.name)
     with open(raw / "train-images-idx3-ubyte", "r+b") as f:
         f.truncate(1_000_000)

@@ -75,6 +75,10 @@ class Method:
     key: ClassVar[str] = "none"
     config: ClassVar[type[MethodConfig]] = MethodConfig
     uses_sparsity: ClassVar[bool] = False  # does `sparsity.percent` change what the method does?
+    # Can runs of this method train as members of a stacked fleet (`hydra/launcher=fleet`)? The
+    # fleet computes their training epochs, test passes and `run.evidence` passes, so such a method
+    # keeps the default network and loss and changes the weights only through `run.set_masks`.
+    stackable: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, run_cfg: Config) -> None:
         self.cfg = cfg
@@ -118,6 +122,14 @@ class Method:
     @classmethod
     def has_penalty(cls) -> bool:
         return cls.penalty is not Method.penalty
+
+    @classmethod
+    def graph_safe(cls) -> bool:
+        """Can the training step be replayed from a CUDA graph (cudagraph.py)? Yes with the default
+        network and loss and no penalty: a custom one may read values on the host or change from
+        step to step."""
+        return (cls.loss is Method.loss and cls.build_model is Method.build_model
+                and not cls.has_penalty())
 
     # -- phases --------------------------------------------------------------------------------
     def start(self, run: RunState) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check, is_finite
-from ..evidence import Evidence, log_prior
+from ..evidence import log_prior
 from ..masks import Masks, apply_masks, changes_weights, restore
 from ..models import weight_layers
 from .base import Method, register_method
@@ -143,14 +143,14 @@ class Unpruned(Method):
     """Trains, and logs the evidence of the network as it stands every epoch (log BF = 0)."""
 
     config = UnprunedConfig
+    stackable = True
 
     def __init__(self, cfg, run_cfg) -> None:
         super().__init__(cfg, run_cfg)
         self.prev_log_bf = math.inf
 
     def start(self, run) -> None:
-        self.evidence = Evidence(run.data.x_train, run.data.y_train, run.eval_batch_size,
-                                 self.run_cfg.evidence.subsample, self.run_cfg.seed, self.predict)
+        self.evidence = run.evidence(self.run_cfg.evidence.subsample, self.run_cfg.seed, self.predict)
 
     def propose(self, layers: dict[str, nn.Module], masks: Masks, rate: float,
                 generator: torch.Generator) -> Masks:
