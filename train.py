@@ -16,6 +16,7 @@ from bayes_prune.data import DataError
 from bayes_prune.experiment import RunDirError, run_experiment
 from bayes_prune.record import write_json
 from bayes_prune.schema import METRICS, SCHEMA_VERSION
+from bayes_prune.trainer import Diverged
 
 register_configs()
 log = logging.getLogger("bayes_prune")
@@ -48,6 +49,10 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", exc)  # in the job's log; the sweep reports it at the end
         if isinstance(exc, ConfigError) and not isinstance(exc, RunDirError):
             _record_invalid_job(job.run_dir, cfg, overrides, exc)
+        raise
+    except Diverged as exc:
+        if not multirun:
+            cli.exit_diverged(exc)
         raise
     return float((record.get("final") or {}).get("test_acc", math.nan))
 

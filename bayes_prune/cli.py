@@ -3,7 +3,8 @@
 `train.py` runs Hydra with HYDRA_FULL_ERROR set, so every exception reaches `report` here instead
 of Hydra's traceback printer: bad input (an unknown option or key, a value out of range, a missing
 or damaged dataset, an unusable run directory) is one line and exit status 2; Ctrl-C is one line
-and 130; a run that fails for another reason exits 1 with its traceback (also in its metrics.json).
+and 130; a run whose loss became NaN or infinite exits 1 with one line naming the settings to change;
+a run that fails for another reason exits 1 with its traceback (also in its metrics.json).
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def exit_bad_input(exc: BaseException) -> None:
     raise SystemExit(BAD_INPUT_EXIT) from exc
 
 
+def exit_diverged(exc: BaseException) -> None:
+    """From inside a single run whose loss became NaN or infinite: one line naming what to change,
+    exit 1 (no traceback: nothing is wrong with the code)."""
+    print(f"error: the run diverged: {exc}; its metrics.json says status diverged. Fix: a smaller "
+          f"trainer.lr (or check the data); a re-run with the same settings resumes from the last "
+          f"finished epoch and would diverge again", file=sys.stderr)
+    raise SystemExit(1) from exc
+
+
 def quote_numeric_choices(argv: list[str]) -> list[str]:
     """`sparsity=25,50` -> `sparsity='25','50'`.
 
@@ -85,9 +95,9 @@ def _message(exc: BaseException) -> str:
             n for n in names.split() if n != "base")
     # Hydra's "use +key=value to append" advice is wrong here: added keys are refused too.
     text = "\n".join(line for line in text.splitlines() if not line.startswith("To append to"))
-    cause = exc.__cause__
-    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
-        text += " " + str(cause).strip().splitlines()[0]
+    cause = str(exc.__cause__ or "").strip()
+    if cause and cause[:60] not in text:  # the message may quote the cause already (shortened)
+        text += " " + cause.splitlines()[0]
     return text
 
 

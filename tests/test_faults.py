@@ -140,6 +140,8 @@ def test_a_diverged_run_stops_is_recorded_as_diverged_and_never_counted(tmp_path
     run_dir = tmp_path / "runs" / "diverged"
     proc = cli(*DIGITS, "trainer.epochs=3", "trainer.lr=1e30", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "error: the run diverged" in proc.stderr
+    assert "trainer.lr" in proc.stderr  # names the setting to change
     meta = strict_json(run_dir / METRICS)  # strict JSON: no NaN tokens even though the loss was NaN
     assert meta["status"] == "diverged" and meta["error"]["type"] == "Diverged"
     assert meta["history"] == [] and meta["final"] is None  # stopped in its first epoch
