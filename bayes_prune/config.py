@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import PurePath
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -214,6 +215,9 @@ class Config:
 
     def __post_init__(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        parts = PurePath(self.name).parts
+        check(bool(parts) and not PurePath(self.name).is_absolute() and ".." not in parts, "name",
+              self.name, "a folder name under paths.output_dir/multirun (relative, without '..')")
 
 
 FIXED_GROUPS = {

@@ -179,11 +179,16 @@ def check_buildable(cfg: Config, method) -> None:
     shape, classes = input_shape(cfg.dataset)
     try:
         with torch.device("meta"):
-            method.build_model(cfg.model, shape, classes)
+            model = method.build_model(cfg.model, shape, classes)
     except ConfigError:
         raise
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"invalid model for input {shape}: {exc}") from exc
+    if method.uses_sparsity and cfg.sparsity.percent > 0 and not method.prunable(model):
+        raise ConfigError(f"invalid value sparsity.percent={cfg.sparsity.percent:g}: model "
+                          f"{cfg.model.name!r} has no prunable layer (the output layer is spared "
+                          f"unless pruner.prune_output=true); give it hidden layers or set "
+                          f"pruner.prune_output=true")
 
 
 def run_experiment(cfg: Config, job: JobContext) -> dict:

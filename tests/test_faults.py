@@ -56,6 +56,8 @@ BAD_CLI = [
     ("model=cnn model.channels=[8,8,8,8,8,8]", "too many conv-pool stages for input (1, 8, 8)"),
     ("trainer.device=cuda:7", "invalid value trainer.device='cuda:7'"),
     ("hydra/launcher=nope", "Could not find 'hydra/launcher/nope'"),
+    ("model.hidden=[] pruner=magnitude sparsity=50", "has no prunable layer"),
+    ("name=../../elsewhere", "invalid value name='../../elsewhere'"),
 ]
 
 
