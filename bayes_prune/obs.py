@@ -150,7 +150,8 @@ def k_smallest(scores: Tensor, k: int) -> Tensor:
 
 
 def obs_traces(w: Tensor, hinv: Tensor, n_prunable: int, row_batch: int = 128, block: int = 32,
-               keep_weights: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+               keep_weights: bool = False, max_bytes: int = 1 << 30
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Greedy OBS on every row to the end: at each step remove the coordinate p (among the first
     `n_prunable` columns) with the least loss w_p² / (2 [G]_pp), compensate the row with
     -(w_p / G_pp) G[:, p], and downdate G, the inverse of H restricted to the row's remaining
@@ -158,6 +159,8 @@ def obs_traces(w: Tensor, hinv: Tensor, n_prunable: int, row_batch: int = 128, b
 
     Returns the removal order (rows, n_prunable), the loss of each step (same shape) and, with
     `keep_weights`, every row after each step (rows, n_prunable + 1, d; for tests).
+    At most `row_batch` rows run at once, fewer where their two d × d copies each would pass
+    `max_bytes`.
 
     Equal to one `downdate` per step up to rounding, and fast: up to `row_batch` rows run at
     once, each with its own copy of G; the downdates of `block` steps are kept as low-rank
@@ -172,6 +175,7 @@ def obs_traces(w: Tensor, hinv: Tensor, n_prunable: int, row_batch: int = 128, b
     losses = torch.empty(rows, n_prunable, dtype=w.dtype, device=w.device)
     trace = (torch.empty(rows, n_prunable + 1, d, dtype=w.dtype, device=w.device)
              if keep_weights else None)
+    row_batch = max(1, min(row_batch, max_bytes // (2 * d * d * w.element_size())))
     n_batches = -(-rows // row_batch)
     size = -(-rows // n_batches)  # balanced batches
     bufs = (torch.empty(size * d * d, dtype=w.dtype, device=w.device),

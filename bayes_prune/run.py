@@ -197,7 +197,7 @@ def init_source(cfg: Config) -> Path | None:
         record = json.loads((source / METRICS).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"invalid value {where}: no readable {METRICS} there "
-                          f"({type(exc).__name__}); train that run first") from exc
+                          f"({type(exc).__name__}); train that run first") from None
     if not isinstance(record, dict) or record.get("status") != "done" or not (source / WEIGHTS).exists():
         raise ConfigError(f"invalid value {where}: that run is not done (status "
                           f"{record.get('status') if isinstance(record, dict) else None!r}); "

@@ -150,7 +150,7 @@ def test_conv_hessian_from_im2col_patches_gives_the_layers_output_error():
 # -- the prune phase through the framework --------------------------------------------------------
 
 TINY = ["dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.n_train=256", "dataset.n_test=128",
-        "trainer.epochs=2", "trainer.progress=off", "trainer.objective=likelihood",
+        "trainer.epochs=1", "trainer.progress=off", "trainer.objective=likelihood",
         "model.hidden=[24,12]", "pruner.calibration_size=128", "sparsity.percent=80"]
 
 
@@ -164,8 +164,8 @@ def test_every_variant_runs_train_prune_finetune_and_records_each_layer(tmp_path
     record = run(tmp_path, [f"pruner={preset}", "pruner.prune_output=true", "pruner.interval=60"])
     assert record["status"] == "done"
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [
-        ("train", 1), ("train", 2), ("prune", None), ("finetune", 1)]
-    prune = record["history"][2]
+        ("train", 1), ("prune", None), ("finetune", 1)]
+    prune = record["history"][1]
     layers = {"1": 64 * 24, "3": 24 * 12, "5": 12 * 10}
     assert set(prune["reconstruction_error"]) == set(layers) == set(prune["layer_seconds"])
     assert all(0 <= e < 10 for e in prune["reconstruction_error"].values())
@@ -173,13 +173,13 @@ def test_every_variant_runs_train_prune_finetune_and_records_each_layer(tmp_path
         assert prune["sparsity_per_layer"][name] == layer_target(n, 0.8) / n
         assert record["final"]["sparsity_per_layer"][name] == layer_target(n, 0.8) / n
     assert record["final"]["test_acc_pruned"] == prune["test_acc"]
-    assert prune["test_acc_before_prune"] == record["history"][1]["test_acc"]
+    assert prune["test_acc_before_prune"] == record["history"][0]["test_acc"]
 
 
 def test_the_cnn_prunes_its_conv_layers_through_im2col(tmp_path):
     record = run(tmp_path, ["pruner=lobs", "model=cnn", "model.channels=[4,6]", "model.hidden=[16]",
                             "dataset.shape=[3,8,8]"])
-    prune = record["history"][2]
+    prune = record["history"][1]
     assert set(prune["reconstruction_error"]) == {"0", "3", "7"}  # conv, conv, hidden FC
     assert prune["sparsity_per_layer"] == {"0": layer_target(108, 0.8) / 108,
                                            "3": layer_target(216, 0.8) / 216,
@@ -200,7 +200,7 @@ def test_a_run_starts_from_a_finished_dense_run_with_init_from(tmp_path):
 
 
 def test_a_run_stopped_in_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    overrides = ["pruner=lobs_approx_retrain", "trainer.epochs=1", "pruner.finetune_epochs=2",
+    overrides = ["pruner=lobs_approx_retrain", "pruner.finetune_epochs=2",
                  "pruner.interval=300"]
     full = run(tmp_path, overrides, "full")
     from bayes_prune import phases
