@@ -110,6 +110,9 @@ def figure(summ: pd.DataFrame, title: str) -> Figure:
         ax.grid(alpha=0.3)
         if log:
             ax.set_xscale("log")
+            ticks = [1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01]
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
             ax.invert_xaxis()
             ax.set_title(f"{title}: sparse end (log axis)")
         else:

@@ -12,7 +12,7 @@ tensors, in float64, on whatever device the tensors are on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,28 +96,32 @@ def write_layer(layer: nn.Module, w: Tensor, fold_bias: bool) -> None:
         layer.bias.copy_(w[:, d_col].to(layer.bias.dtype))
 
 
-def prepare(h: Tensor, w: Tensor, damp: float) -> tuple[Tensor, Tensor]:
-    """(damped H, W): H += damp · mean(diag H) · I. A dead input (diag 0: never nonzero on the
-    calibration set) is decoupled from the others (its row and column of H are 0), so with
-    H_ii = max(damp, 1e-8) · mean(diag H) its weights cost next to nothing, go first and
-    compensate nothing. OBC instead sets H_ii = 1 and zeroes those weights up front, which
-    would prune more than the target when they outnumber it."""
+def damped(h: Tensor, damp: float) -> Tensor:
+    """H + damp · mean(diag H) · I. A dead input (diag 0: never nonzero on the calibration set)
+    is decoupled from the others (its row and column of H are 0): with H_ii = max(damp, 1e-8) ·
+    mean(diag H) its weights cost next to nothing, go first and compensate nothing. (OBC sets
+    H_ii = 1 and zeroes those weights up front, which would prune more than the target when they
+    outnumber it.)"""
     h = h.clone()
     mean = float(h.diagonal().mean())
     dead = h.diagonal() == 0
     h.diagonal().add_(damp * mean)
     h.diagonal()[dead] = max(damp, 1e-8) * mean if mean > 0 else 1.0
-    return h, w.clone()
+    return h
+
+
+def positive_definite(h: Tensor) -> Tensor:
+    """H itself if Cholesky succeeds, else H + 1e-6 · mean(diag H) · I, else H + I."""
+    for extra in (0.0, 1e-6 * float(h.diagonal().mean()), 1.0):
+        hh = h + extra * torch.eye(len(h), dtype=h.dtype, device=h.device) if extra else h
+        if int(torch.linalg.cholesky_ex(hh)[1]) == 0:
+            return hh
+    raise torch.linalg.LinAlgError("the layer Hessian is not positive definite even with damping")
 
 
 def inverse(h: Tensor) -> Tensor:
-    """H⁻¹ by Cholesky; if H is not positive definite, of H + mean(diag H)·1e-6·I, then H + I."""
-    for extra in (0.0, 1e-6 * float(h.diagonal().mean()), 1.0):
-        hh = h + extra * torch.eye(len(h), dtype=h.dtype, device=h.device) if extra else h
-        chol, info = torch.linalg.cholesky_ex(hh)
-        if int(info) == 0:
-            return torch.cholesky_inverse(chol)
-    raise torch.linalg.LinAlgError("the layer Hessian is not positive definite even with damping")
+    """H⁻¹ of a positive definite H, by Cholesky."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
 def downdate(g: Tensor, p: Tensor) -> Tensor:
@@ -286,10 +290,11 @@ def optimal_rows(w: Tensor, h: Tensor, hinv: Tensor, removed: Tensor) -> Tensor:
 
 def exact_obs(w: Tensor, h: Tensor, k: int, n_fixed: int = 0, row_batch: int = 128,
               block: int = 32) -> tuple[Tensor, Tensor]:
-    """Exact row-wise OBS on a prepared layer (damped H): greedy OBS with downdates on every
+    """Exact row-wise OBS with a damped H (`damped`): greedy OBS with downdates on every
     row, the k smallest pooled per-step losses set each row's count, each row is the optimum
     with its first count removals at zero. Returns (Ŵ, removed mask)."""
     n_prunable = w.shape[1] - n_fixed
+    h = positive_definite(h)
     hinv = inverse(h)
     order, losses, _ = obs_traces(w, hinv, n_prunable, row_batch, block)
     counts = row_counts(losses, k)
@@ -306,7 +311,8 @@ ChunkHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
 def approx_lobs(w: Tensor, h: Tensor, k: int, interval: int, n_fixed: int = 0,
-                on_chunk: ChunkHook | None = None, damp: float = 0.0) -> tuple[Tensor, Tensor]:
+                on_chunk: ChunkHook | None = None, damp: float = 0.0,
+                max_bytes: int = 8 << 30) -> tuple[Tensor, Tensor]:
     """Paper 001's simplified L-OBS: every `interval` pruned weights, the inverse Hessian of
     every row (over its remaining coordinates) is brought up to date and the saliencies
     w_rp² / (2 [G_r]_pp) of the whole layer ranked once; the next `interval` smallest are pruned
@@ -314,13 +320,19 @@ def approx_lobs(w: Tensor, h: Tensor, k: int, interval: int, n_fixed: int = 0,
     the chunk) and the row re-masked. `on_chunk` may retrain after each chunk and return a new
     (undamped) H, which is then damped with `damp` and inverted afresh per row; otherwise the
     inverses are downdated, which is exact and much cheaper than recomputing them.
-    Returns (Ŵ, removed mask)."""
+    Every row holds its own d × d inverse at once (the ranking spans the layer): a layer that
+    needs more than `max_bytes` for them is refused. Returns (Ŵ, removed mask)."""
     rows, d = w.shape
+    need = rows * d * d * w.element_size()
+    if need > max_bytes:
+        raise ValueError(f"variant approx keeps one {d} x {d} inverse per row: {need / 2**30:.1f} "
+                         f"GiB for this {rows}-row layer, over {max_bytes / 2**30:.0f} GiB; prune "
+                         f"it with variant exact or sparsegpt")
     n_prunable = d - n_fixed
     w = w.clone()
     removed = torch.zeros_like(w, dtype=torch.bool)
     fixed = (torch.arange(d, device=w.device) >= n_prunable).expand(rows, d)
-    inv = RowInverses(inverse(h), rows)
+    inv = RowInverses(inverse(positive_definite(h)), rows)
     b = torch.arange(rows, device=w.device)
     done = 0
     while done < k:
@@ -346,7 +358,7 @@ def approx_lobs(w: Tensor, h: Tensor, k: int, interval: int, n_fixed: int = 0,
         if done >= k:
             break
         if new_h is not None:
-            inv.reset(prepare(new_h, w, damp)[0], removed)
+            inv.reset(positive_definite(damped(new_h, damp)), removed)
         else:
             inv.remove(seq, valid)
     return w, removed
@@ -455,14 +467,14 @@ class RowInverses:
 
 def sparsegpt(w: Tensor, h: Tensor, k: int, n_fixed: int = 0, block: int = 128
               ) -> tuple[Tensor, Tensor]:
-    """SparseGPT (methods.md §2.4) on a prepared layer (damped H): columns in fixed order, the
+    """SparseGPT (methods.md §2.4) with a damped H: columns in fixed order, the
     inverse's upper Cholesky factor U supplies each step's OBS row, and each block of `block`
     columns picks its mask from w² / U_jj² on the weights as updated so far. Blocks get
     floor(k · cumulative share) - previous, so the layer has exactly k zeros; the fixed (bias)
     columns come last and absorb every compensation. Returns (Ŵ, removed mask)."""
     rows, d = w.shape
     n_prunable = d - n_fixed
-    u = torch.linalg.cholesky(inverse(h), upper=True)
+    u = torch.linalg.cholesky(inverse(positive_definite(h)), upper=True)
     w = w.clone()
     removed = torch.zeros_like(w, dtype=torch.bool)
     total = rows * n_prunable
@@ -496,8 +508,3 @@ def magnitude(w: Tensor, k: int, n_fixed: int = 0) -> tuple[Tensor, Tensor]:
     removed = torch.zeros_like(w, dtype=torch.bool)
     removed[:, :n_prunable] = k_smallest(w[:, :n_prunable].abs(), k)
     return w.masked_fill(removed, 0.0), removed
-
-
-def batches(n: int, size: int) -> Iterable[slice]:
-    for i in range(0, n, size):
-        yield slice(i, min(n, i + size))

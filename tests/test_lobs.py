@@ -102,7 +102,7 @@ def test_exact_obs_equals_the_least_squares_optimum_with_the_same_weights_at_zer
 def test_at_equal_sparsity_exact_error_is_at_most_magnitudes_and_approxs(rate):
     _, h, w = layer_problem(rows=16, d=40, n=600, seed=3)
     k = layer_target(16 * 40, rate)
-    hd, wp = obs.prepare(h, w, 1e-4)
+    hd, wp = obs.damped(h, 1e-4), w
     errors = {}
     for name, (w_hat, removed) in {
             "exact": obs.exact_obs(wp, hd, k, 1), "approx": obs.approx_lobs(wp, hd, k, 25, 1),
@@ -123,7 +123,7 @@ def test_realised_sparsity_is_exactly_the_target(variant, rate):
     if variant == "magnitude":
         w_hat, removed = obs.magnitude(w, k, 1)
     else:
-        hd, wp = obs.prepare(h, w, 1e-4)
+        hd, wp = obs.damped(h, 1e-4), w
         w_hat, removed = {"exact": lambda: obs.exact_obs(wp, hd, k, 1, row_batch=4),
                           "approx": lambda: obs.approx_lobs(wp, hd, k, 40, 1),
                           "sparsegpt": lambda: obs.sparsegpt(wp, hd, k, 1, block=8)}[variant]()
@@ -139,8 +139,7 @@ def test_conv_hessian_from_im2col_patches_gives_the_layers_output_error():
     h = obs.hessians(conv, {"c": conv}, x, batch_size=4, fold_bias=True)["c"]
     w = obs.layer_matrix(conv, fold_bias=True)
     out = conv(x)
-    hd, wp = obs.prepare(h, w, 1e-6)
-    w_hat, _ = obs.exact_obs(wp, hd, k=20, n_fixed=1)
+    w_hat, _ = obs.exact_obs(w, obs.damped(h, 1e-6), k=20, n_fixed=1)
     obs.write_layer(conv, w_hat, fold_bias=True)
     with torch.no_grad():
         measured = float((conv(x) - out).square().sum() / out.square().sum())

@@ -131,12 +131,12 @@ def prune_matrix(w: torch.Tensor, h: torch.Tensor, k: int, n_fixed: int, cfg: LO
     Hessian -> (Ŵ, removed mask) with k weights removed by `cfg.variant`."""
     if cfg.variant is Variant.magnitude:
         return obs.magnitude(w, k, n_fixed)
-    hd, wp = obs.prepare(h, w, cfg.damping)
+    hd = obs.damped(h, cfg.damping)
     if cfg.variant is Variant.exact:
-        return obs.exact_obs(wp, hd, k, n_fixed, cfg.row_batch)
+        return obs.exact_obs(w, hd, k, n_fixed, cfg.row_batch)
     if cfg.variant is Variant.sparsegpt:
-        return obs.sparsegpt(wp, hd, k, n_fixed, cfg.block_size)
-    return obs.approx_lobs(wp, hd, k, cfg.interval, n_fixed, retrain, cfg.damping)
+        return obs.sparsegpt(w, hd, k, n_fixed, cfg.block_size)
+    return obs.approx_lobs(w, hd, k, cfg.interval, n_fixed, retrain, cfg.damping)
 
 
 def _clock(device: torch.device) -> float:
