@@ -125,12 +125,21 @@ def figure(summ: pd.DataFrame, title: str) -> Figure:
 
 
 def table(summ: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy (mean over seeds) by method and stage (rows) and remaining fraction (columns)."""
-    wide = summ.pivot_table(index=["method", "stage"], columns="remaining", values="test_acc",
-                            sort=False)
+    """Accuracy by method and stage (rows) and remaining fraction (columns): `mean ± std (n)`
+    over seeds, or the single value when every cell has one seed."""
+    one = bool((summ["n"] <= 1).all())
+
+    def cell(r: pd.Series) -> str:
+        if one or pd.isna(r["test_acc_std"]):
+            return f"{r['test_acc']:.4f}"
+        return f"{r['test_acc']:.4f} ± {r['test_acc_std']:.4f}"
+
+    cells = summ.assign(cell=summ.apply(cell, axis=1), stage=summ["stage"].map(STAGES))
+    wide = cells.pivot_table(index=["method", "stage"], columns="remaining", values="cell",
+                             aggfunc="first", sort=False)
     wide = wide[sorted(wide.columns, reverse=True)]
     wide.columns = [f"{c:.3g}" for c in wide.columns]
-    return wide.reset_index()
+    return wide.reset_index().fillna("–")
 
 
 def to_latex(wide: pd.DataFrame) -> str:
@@ -138,8 +147,8 @@ def to_latex(wide: pd.DataFrame) -> str:
     lines = [r"\begin{tabular}{ll" + "c" * len(cols) + "}", r"\toprule",
              " & ".join(["Method", "Stage", *cols]) + r" \\", r"\midrule"]
     for row in wide.itertuples(index=False):
-        cells = ["--" if pd.isna(v) else f"{v:.4f}" for v in row[2:]]
-        lines.append(" & ".join([row[0].replace("%", r"\%"), STAGES[row[1]], *cells]) + r" \\")
+        cells = [str(v).replace("±", r"$\pm$") for v in row[2:]]
+        lines.append(" & ".join([row[0].replace("%", r"\%"), row[1], *cells]) + r" \\")
     return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
@@ -159,7 +168,7 @@ def write(runs_dir: Path, out: Path) -> list[Path]:
             fig.savefig(out / f"{stem}.{ext}", dpi=150)
             written.append(out / f"{stem}.{ext}")
         wide = table(s)
-        (out / f"{stem}.md").write_text(wide.to_markdown(index=False, floatfmt=".4f") + "\n")
+        (out / f"{stem}.md").write_text(wide.to_markdown(index=False, disable_numparse=True) + "\n")
         (out / f"{stem}.tex").write_text(to_latex(wide))
         written += [out / f"{stem}.md", out / f"{stem}.tex"]
     summ.to_csv(out / "lobs.csv", index=False)

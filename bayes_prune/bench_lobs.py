@@ -71,8 +71,8 @@ def bench(model: torch.nn.Module, data, device: torch.device, variants: list[Var
         _, correct = evaluate(net, x_test, y_test, 4096, lambda m, xb: m(xb))
         per_layer = "  ".join(f"{n}: {rec['layer_seconds'][n]:6.2f}" for n in layers)
         sparsity = layer_sparsity(layers)
-        print(f"  {variant.value:9s}  total {rec['prune_seconds']:7.2f} s   per layer [{per_layer}]"
-              f"   test acc {correct / len(y_test):.4f}   sparsity "
+        print(f"  {variant.value:9s}  total {rec['prune_seconds']:7.2f} s   per layer [{per_layer}]")
+        print(f"             test acc {correct / len(y_test):.4f}   sparsity "
               f"{global_sparsity(layers):.4f} ({', '.join(f'{s:.3f}' for s in sparsity.values())})"
               f"   load {before} -> {loadavg()}")
 
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     data = load_data(DatasetConfig(), root, torch.device("cpu"))
     model, source = dense_model(args.run, data, args.epochs)
     model.eval()
-    print(f"pruning {source} to {args.sparsity:g} % per layer (all 3 layers, 266,200 weights), "
-          f"{args.calibration} calibration images, float64 Hessians; torch {torch.__version__}, "
+    print(f"pruning {source}\n  to {args.sparsity:g} % per layer (all 3 layers, 266,200 weights), "
+          f"{args.calibration} calibration images, float64 Hessians;\n  torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     for device in devices:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
