@@ -21,7 +21,7 @@ else
   EXP := table1
 endif
 
-.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs
+.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs lobs bench-lobs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -61,3 +61,11 @@ analysis: install ## rebuild table, figures and report from outputs/multirun/$(E
 
 clean-outputs: ## delete everything under outputs/ (runs, sweeps, analyses)
 	find outputs -mindepth 1 ! -name .gitkeep -delete
+
+lobs: install ## paper 001's figure: the dense LeNet-300-100, 5 post-training pruners x 12 targets, figure + CSV
+	$(PY) train.py -m experiment=lobs_lenet300_dense $(LAUNCH) $(ARGS)
+	$(PY) train.py -m experiment=lobs_lenet300 $(LAUNCH) $(ARGS)
+	$(PY) -m analysis.lobs outputs/multirun/lobs_lenet300 --out outputs/analysis/lobs_lenet300
+
+bench-lobs: install ## seconds per layer of each lobs variant pruning LeNet-300-100 to 90 % (CPU, and CUDA if present)
+	$(PY) -m bayes_prune.bench_lobs

@@ -117,6 +117,9 @@ class MethodConfig:
     finetune_epochs: int = 0
     calibration_size: int = 1024  # training images (with labels) the prune phase sees
     prune_output: bool = False  # methods.md A8: the output layer is spared by default
+    # start from the final network (weights, cut widths, masks) of a finished run directory
+    # instead of a fresh initialisation; "{seed}" in it is replaced by the run's seed
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         check(len(self.phases) >= 1, "pruner.phases", self.phases, "a non-empty list of phases")
@@ -128,6 +131,8 @@ class MethodConfig:
               "an integer >= 1 when pruner.phases has finetune")
         check(self.calibration_size >= 1, "pruner.calibration_size", self.calibration_size,
               "an integer >= 1")
+        check(self.init_from is None or self.init_from.strip() != "", "pruner.init_from",
+              self.init_from, "null or a run directory")
 
 
 @dataclass

@@ -38,7 +38,7 @@ from .metrics import size_metrics
 from .phases import run_phases
 from .progress import use_bars
 from .record import read_metrics, save_torch, versions, write_json
-from .run import RunState
+from .run import RunState, init_source
 from .schema import (
     CHECKPOINT,
     HYDRA_DIR,
@@ -92,8 +92,10 @@ def seed_everything(seed: int) -> None:
 
 def check_same_config(stored: dict, current: dict, where: Path) -> None:
     a, b = result_config(stored), result_config(current)
-    if a != b:
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    # a key missing on one side equals null on the other: a setting added to a schema later
+    # with a null default does not stop older runs from resuming
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
         raise RunDirError(
             f"run directory {where} holds a run with a different config (differs in: "
             f"{', '.join(diff)}); pick another hydra.run.dir, or pass resume=false to overwrite it")
@@ -189,6 +191,7 @@ def check_buildable(cfg: Config, method) -> None:
                           f"{cfg.model.name!r} has no prunable layer (the output layer is spared "
                           f"unless pruner.prune_output=true); give it hidden layers or set "
                           f"pruner.prune_output=true")
+    init_source(cfg)
 
 
 def run_experiment(cfg: Config, job: JobContext) -> dict:
@@ -277,6 +280,10 @@ def _run(cfg: Config, method, record: dict, job: JobContext, device: torch.devic
         check_same_config(ckpt["config"], record["config"], run_dir)
     data = (job.seat.load_data if job.seat else load_data)(cfg.dataset, cfg.paths.data_dir, device)
     run = (job.seat.run_state if job.seat else RunState)(cfg, method, data, device)
+    source = init_source(cfg)
+    if ckpt is None and source is not None:
+        run.start_from(source)
+        log.info("starting from the final network of %s", source)
     method.start(run)
     if ckpt is not None:
         run.load_state_dict(ckpt["run"])

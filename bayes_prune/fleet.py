@@ -55,6 +55,8 @@ def fleet_problem(cfg: Config) -> str | None:
     cls = method_class(cfg.pruner.method)
     if not (cls.stackable and cls.graph_safe() and cls.predict is Method.predict):
         return f"method {cls.key!r} cannot be stacked"
+    if cfg.pruner.init_from is not None:
+        return "pruner.init_from is set (it starts from another run's network)"
     if any(p not in (Phase.train, Phase.finetune) for p in cfg.pruner.phases):
         return (f"pruner.phases={[p.value for p in cfg.pruner.phases]} has a phase other than "
                 f"train and finetune")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config, Objective, Phase
+from .config import Config, ConfigError, Objective, Phase, to_dict
 from .cudagraph import GraphedTrainer, use_cuda_graph
 from .data import Data
 from .evidence import Evidence, add_prior_grad_, evaluate
@@ -23,7 +23,7 @@ from .masks import GradMasker, Masks, apply_masks, weight_masks, zero_optimizer_
 from .methods.base import Method, Step
 from .metrics import DenseReference
 from .models import eval_batch_size, has_conv, weight_layers
-from .record import METRICS, WEIGHTS
+from .record import MASKS, METRICS, WEIGHTS
 from .structure import resize, widths
 from .trainer import make_optimizer, train_epoch
 
@@ -93,6 +93,21 @@ class RunState:
         self._bind()
         self.masks = {}
         self.set_masks(masks if masks is not None else weight_masks(self.prunable))
+
+    def start_from(self, source: Path) -> None:
+        """Take a finished run's final network (`pruner.init_from`): its cut widths, weights and
+        masks (on the layers both runs prune); the optimizer starts fresh."""
+        arch = json.loads((source / METRICS).read_text())["final"]["architecture"]
+        if arch["widths"]:
+            self.model = self._build(arch["widths"])
+            self._bind()
+        self.model.load_state_dict(torch.load(source / WEIGHTS, map_location=self.device,
+                                              weights_only=True))
+        masks = weight_masks(self.prunable)
+        if (source / MASKS).exists():
+            stored = torch.load(source / MASKS, map_location=self.device, weights_only=True)
+            masks.update({n: m for n, m in stored.items() if n in masks})
+        self.set_masks(masks)
 
     # -- training and evaluation ----------------------------------------------------------------
     def train_epoch(self, epoch: int, phase: Phase, on_batches=None) -> tuple[float, float]:
@@ -169,6 +184,30 @@ class RunState:
         self.method.load_state_dict(state["method"])
         self.position = Position(**state["position"])
         self.history = state["history"]
+
+
+def init_source(cfg: Config) -> Path | None:
+    """The run directory `pruner.init_from` names for this run's seed, checked to be a finished
+    run of the same dataset and model; None when it is not set."""
+    if cfg.pruner.init_from is None:
+        return None
+    source = Path(cfg.pruner.init_from.replace("{seed}", str(cfg.seed)))
+    where = f"pruner.init_from={cfg.pruner.init_from!r} ({source})"
+    try:
+        record = json.loads((source / METRICS).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"invalid value {where}: no readable {METRICS} there "
+                          f"({type(exc).__name__}); train that run first") from None
+    if not isinstance(record, dict) or record.get("status") != "done" or not (source / WEIGHTS).exists():
+        raise ConfigError(f"invalid value {where}: that run is not done (status "
+                          f"{record.get('status') if isinstance(record, dict) else None!r}); "
+                          f"finish it first")
+    mine = to_dict(cfg)
+    for group in ("dataset", "model"):
+        if record["config"].get(group) != mine[group]:
+            raise ConfigError(f"invalid value {where}: that run has another {group} "
+                              f"({record['config'].get(group)} vs {mine[group]})")
+    return source
 
 
 def load_model(run_dir: str | Path) -> nn.Module:
