@@ -4,6 +4,7 @@ dataset's shape, one epoch per phase. A preset that composes but cannot run fail
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from conftest import CONF, compose_cfg
@@ -43,9 +44,21 @@ def tiny(experiment: str) -> list[str]:
     return overrides
 
 
+def train_source(cfg, overrides: list[str]) -> None:
+    """An experiment that starts from another run's network (`pruner.init_from`) gets that run
+    first: the same tiny data and model, trained unpruned, where the experiment looks for it."""
+    source = Path(cfg.pruner.init_from.replace("{seed}", str(cfg.seed)))
+    dense = [*overrides, "pruner=none", "pruner.phases=[train]", "pruner.init_from=null"]
+    record = run_experiment(validate(compose_cfg(dense)), JobContext(run_dir=source, overrides=dense))
+    assert record["status"] == "done", record.get("error")
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_file_runs_in_a_tiny_form(tmp_path, experiment):
-    overrides = tiny(experiment)
+    overrides = [*tiny(experiment), f"paths.output_dir={tmp_path}"]
+    cfg = validate(compose_cfg(overrides))
+    if cfg.pruner.init_from is not None:
+        train_source(cfg, overrides)
     record = run_experiment(validate(compose_cfg(overrides)),
                             JobContext(run_dir=tmp_path / "run", overrides=overrides))
     assert record["status"] == "done", record.get("error")
