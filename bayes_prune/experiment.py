@@ -92,8 +92,9 @@ def seed_everything(seed: int) -> None:
 
 def check_same_config(stored: dict, current: dict, where: Path) -> None:
     a, b = result_config(stored), result_config(current)
-    if a != b:
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    # a key missing from an older record equals null: options added later default to null
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
         raise RunDirError(
             f"run directory {where} holds a run with a different config (differs in: "
             f"{', '.join(diff)}); pick another hydra.run.dir, or pass resume=false to overwrite it")
