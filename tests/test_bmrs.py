@@ -249,3 +249,13 @@ def test_metrics_json_of_a_noise_run_names_its_kernel_and_both_compressions(tmp_
     final = json.loads((tmp_path / "run" / METRICS).read_text())["final"]
     for key in ("unit_compression", "param_compression", "params_removed", "kernel", "macs_nonzero"):
         assert key in final
+
+
+def test_the_benchmarked_export_is_smaller_than_the_dense_network_and_gives_the_final_outputs(tmp_path):
+    from bayes_prune.bench_bmrs import bench_cut
+
+    run(tmp_path, ["pruner=bmrs_n", *PRUNES, "pruner.finetune_epochs=1"])
+    row = bench_cut([tmp_path / "run"], batches=[1, 8], repeats=2)[0]
+    assert row["export_vs_final_max_abs_diff"] < 1e-5
+    assert row["params_cut"] < row["params_dense"] and row["bytes_cut"] < row["bytes_dense"]
+    assert row["macs_cut"] < row["macs_dense"] and set(row["latency"]) == {1, 8}
