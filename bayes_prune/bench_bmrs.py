@@ -2,6 +2,7 @@
 
     python -m bayes_prune.bench_bmrs cut RUN_DIR [RUN_DIR ...] [--batches 1 256] [--repeats 30]
     python -m bayes_prune.bench_bmrs overhead [--blocks mnist_mlp ...] [--epochs 3] [--set KEY=VALUE ...]
+    python -m bayes_prune.bench_bmrs export RUN_DIR OUT.pt
 
 `cut`: for each finished run, its final network (`run.load_model`: the pruned units cut out,
 noise layers sliced) exported to a plain Linear/Conv2d network (`bmrs_layers.export`: E[theta]
@@ -19,6 +20,10 @@ ratio is the overhead. With `--kernels c torch` it also times the noise layer on
 
 Both print Markdown and write JSON (`--out`), with the load average before and after: timings on
 a shared machine are only comparable within one invocation.
+
+`export`: saves the run's exported network (an nn.Sequential of torch.nn's Linear, Conv2d,
+activation, pooling and Flatten layers only: the pruned units cut out, E[theta] folded in), so that
+`torch.load(OUT.pt, weights_only=False)` runs it without this package.
 """
 
 from __future__ import annotations
@@ -196,7 +201,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="Hydra overrides for every run, e.g. dataset.train_subset=12000")
     for p in (c, o):
         p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    e = sub.add_parser("export", help="save the run's cut network as a plain torch.nn module")
+    e.add_argument("run", type=Path)
+    e.add_argument("path", type=Path)
     args = parser.parse_args(argv)
+    if args.what == "export":
+        from .run import load_model
+
+        plain = export(load_model(args.run)).eval()
+        args.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(plain, args.path)
+        print(f"wrote {args.path}: {plain}")
+        return 0
     torch.set_num_threads(1)
     before = loadavg()
     if args.what == "cut":
