@@ -118,7 +118,7 @@ def to_block(x: torch.Tensor, last: bool) -> tuple[torch.Tensor, int, int, int]:
         flat = x.permute(0, 2, 3, 1).contiguous()
         return flat, flat.numel() // c, c, 1
     x = x.contiguous()
-    return x, x.shape[0], c, x[0, 0].numel()
+    return x, x.shape[0], c, x.numel() // max(1, x.shape[0] * c)
 
 
 def from_block(flat: torch.Tensor, shape: torch.Size, last: bool) -> torch.Tensor:
@@ -137,8 +137,7 @@ class FusedNoise(torch.autograd.Function):
         key = draw_key()
         last = channels_last(x)
         xf, outer, c, inner = to_block(x, last)
-        yf, zq = torch.empty_like(xf), torch.empty_like(xf)
-        mu, logsigma = mu.detach().contiguous(), logsigma.detach().contiguous()
+        yf, zq = torch.empty_like(xf), torch.empty_like(xf)  # mu, logsigma: 1-d parameters, contiguous
         _lib.bmrs_noise_forward(xf.data_ptr(), yf.data_ptr(), zq.data_ptr(), outer, c, inner,
                                 mu.data_ptr(), logsigma.data_ptr(), a, b, *ls_range, clip, key)
         ctx.save_for_backward(xf, zq, mu, logsigma)
