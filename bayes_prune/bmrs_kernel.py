@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -133,11 +134,13 @@ class FusedNoise(torch.autograd.Function):
     sigma = exp(clamp(logsigma, *ls_range)); differentiable in x, mu and logsigma."""
 
     @staticmethod
-    def forward(ctx, x, mu, logsigma, a: float, b: float, ls_range: tuple[float, float], clip: float):
+    def forward(ctx, x, mu, logsigma, a: float, b: float, ls_range: tuple[float, float], clip: float,
+                scratch: dict | None = None):
         key = draw_key()
         last = channels_last(x)
         xf, outer, c, inner = to_block(x, last)
-        yf, zq = torch.empty_like(xf), torch.empty_like(xf)  # mu, logsigma: 1-d parameters, contiguous
+        yf, zq = torch.empty_like(xf), _quantile_buffer(ctx, scratch, xf)
+        # mu, logsigma: 1-d parameters, contiguous
         _lib.bmrs_noise_forward(xf.data_ptr(), yf.data_ptr(), zq.data_ptr(), outer, c, inner,
                                 mu.data_ptr(), logsigma.data_ptr(), a, b, *ls_range, clip, key)
         ctx.save_for_backward(xf, zq, mu, logsigma)
@@ -153,7 +156,28 @@ class FusedNoise(torch.autograd.Function):
         _lib.bmrs_noise_backward(gyf.data_ptr(), xf.data_ptr(), zq.data_ptr(), gx.data_ptr(),
                                  gmu.data_ptr(), gls.data_ptr(), outer, c, inner, mu.data_ptr(),
                                  logsigma.data_ptr(), a, b, *ls_range, clip, key)
-        return from_block(gx, shape, last), gmu, gls, None, None, None, None
+        if ctx.scratch is not None:
+            ctx.scratch["holder"] = None  # the quantile buffer is free for the next forward
+        return from_block(gx, shape, last), gmu, gls, None, None, None, None, None
+
+
+def _quantile_buffer(ctx, scratch: dict | None, like: torch.Tensor) -> torch.Tensor:
+    """The buffer the forward keeps its quantiles in until the backward: the layer's own (`scratch`)
+    when no other pending backward holds it, so that steady-state training does not allocate (and
+    page-fault) an activation-sized buffer every step; else a fresh one."""
+    ctx.scratch = None
+    if scratch is not None:
+        holder = scratch.get("holder")
+        buf = scratch.get("buffer")
+        if (holder is None or holder() is None) and buf is not None and buf.shape == like.shape:
+            scratch["holder"] = weakref.ref(ctx)
+            ctx.scratch = scratch
+            return buf
+        if holder is None or holder() is None:
+            scratch["buffer"], scratch["holder"] = torch.empty_like(like), weakref.ref(ctx)
+            ctx.scratch = scratch
+            return scratch["buffer"]
+    return torch.empty_like(like)
 
 
 class FusedKL(torch.autograd.Function):

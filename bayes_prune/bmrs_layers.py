@@ -44,6 +44,7 @@ class LogUniformNoise(nn.Module):
         self.a, self.b = float(a), float(b)
         self.fused = fused
         self.n_dense = units if n_dense is None else n_dense
+        self._scratch: dict = {}  # the fused kernel's reusable buffer (bmrs_kernel._quantile_buffer)
         self.mu = nn.Parameter(torch.full((units,), float(init_mu)))
         self.logsigma = nn.Parameter(torch.full((units,), float(init_logsigma)))
 
@@ -63,7 +64,7 @@ class LogUniformNoise(nn.Module):
         if self.fused and x.device.type == "cpu" and x.dtype == torch.float32 and bmrs_kernel.available():
             return bmrs_kernel.FusedNoise.apply(x, self.mu, self.logsigma, self.a, self.b,
                                                 (truncnorm.LOGSIGMA_MIN, truncnorm.LOGSIGMA_MAX),
-                                                truncnorm.SAMPLE_CLIP)
+                                                truncnorm.SAMPLE_CLIP, self._scratch)
         eps = torch.rand_like(x)
         u = truncnorm.inverse_cdf(self.mu.view(view), self.sigma().view(view), eps, self.a, self.b)
         return x * torch.exp(u)

@@ -215,3 +215,24 @@ def test_fused_kl_and_its_gradient_equal_the_autograd_ones():
         assert float(fused.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
         for a, b in zip(g_fused, g_ref, strict=True):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@needs_kernel
+def test_two_pending_forwards_of_one_layer_keep_their_own_quantiles():
+    layer = LogUniformNoise(5)
+    with torch.no_grad():
+        layer.logsigma.fill_(-1.0)
+    x = torch.randn(16, 5)
+    params = (layer.mu, layer.logsigma)
+
+    def grads(together: bool):
+        torch.manual_seed(7)
+        if together:  # both graphs alive: the second forward may not reuse the first one's buffer
+            y1, y2 = layer(x), layer(x)
+            return torch.autograd.grad(y1.square().sum() + (3 * y2).sum(), params)
+        g1 = torch.autograd.grad(layer(x).square().sum(), params)
+        g2 = torch.autograd.grad((3 * layer(x)).sum(), params)
+        return [a + b for a, b in zip(g1, g2, strict=True)]
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
