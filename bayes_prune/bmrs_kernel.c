@@ -331,3 +331,20 @@ double bmrs_kl(const float *mu, const float *logsigma, int64_t n, double weight,
     }
     return weight * total;
 }
+
+/* bmrs_kl over several layers in one call: layer l has counts[l] variables at mu[l], logsigma[l] and
+ * weight weights[l]; its gradients go to grads at [offset, offset + n) (mu) and [offset + n,
+ * offset + 2n) (log sigma), layer after layer. */
+double bmrs_kl_layers(int64_t n_layers, const float *const *mu, const float *const *logsigma,
+                      const int64_t *counts, const double *weights, float *grads, float a, float b,
+                      float ls_min, float ls_max) {
+    double total = 0.0;
+    int64_t offset = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        int64_t n = counts[l];
+        total += bmrs_kl(mu[l], logsigma[l], n, weights[l], grads + offset, grads + offset + n, a, b,
+                         ls_min, ls_max);
+        offset += 2 * n;
+    }
+    return total;
+}

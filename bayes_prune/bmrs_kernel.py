@@ -78,6 +78,8 @@ def library() -> ctypes.CDLL | None:
             lib.bmrs_uniform.argtypes = [_P, _I, ctypes.c_uint64]
             lib.bmrs_kl.argtypes = [_P, _P, _I, ctypes.c_double, _P, _P, _C, _C, _C, _C]
             lib.bmrs_kl.restype = ctypes.c_double
+            lib.bmrs_kl_layers.argtypes = [_I, _P, _P, _P, _P, _P, _C, _C, _C, _C]
+            lib.bmrs_kl_layers.restype = ctypes.c_double
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             _error = f"{type(exc).__name__}: {exc}"
@@ -186,17 +188,14 @@ class FusedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: tuple[float, ...], a: float, b: float, ls_range: tuple[float, float],
                 *params):
-        grads = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
-        views, total, i = [], 0.0, 0
-        for w, mu, logsigma in zip(weights, params[0::2], params[1::2], strict=True):
-            n = mu.numel()
-            gmu, gls = grads[i:i + n], grads[i + n:i + 2 * n]
-            total += _lib.bmrs_kl(mu.detach().contiguous().data_ptr(),
-                                  logsigma.detach().contiguous().data_ptr(), n, w, gmu.data_ptr(),
-                                  gls.data_ptr(), a, b, *ls_range)
-            views += [gmu, gls]
-            i += 2 * n
-        ctx.grads = views
+        n = len(weights)
+        counts = [p.numel() for p in params[0::2]]
+        grads = torch.empty(2 * sum(counts), dtype=torch.float32)
+        total = _lib.bmrs_kl_layers(
+            n, (ctypes.c_void_p * n)(*[p.data_ptr() for p in params[0::2]]),
+            (ctypes.c_void_p * n)(*[p.data_ptr() for p in params[1::2]]), (ctypes.c_int64 * n)(*counts),
+            (ctypes.c_double * n)(*weights), grads.data_ptr(), a, b, *ls_range)
+        ctx.grads = grads.split([c for count in counts for c in (count, count)])
         return torch.tensor(total, dtype=params[0].dtype)
 
     @staticmethod
