@@ -21,7 +21,7 @@ else
   EXP := table1
 endif
 
-.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs lobs bench-lobs
+.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs lobs bench-lobs bmrs-table1 bmrs-analysis bench-bmrs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -69,3 +69,22 @@ lobs: install ## paper 001's figure: the dense LeNet-300-100, 5 post-training pr
 
 bench-lobs: install ## seconds per layer of each lobs variant pruning LeNet-300-100 to 90 % (CPU, and CUDA if present)
 	$(PY) -m bayes_prune.bench_lobs
+
+# Paper 002 (BMRS): Table 1 blocks and post-training (Fig. 2) runs, one sweep at a time, 1 thread.
+BMRS_BLOCKS ?= mnist_mlp fashion_mnist_mlp mnist_lenet5 fashion_mnist_lenet5
+BMRS_SEEDS  ?= 0,1,2
+BMRS_POINTS ?= 21
+
+bmrs-table1: install ## BMRS Table 1 + Fig. 2: each block's 7 pruners, then its post-training runs; analysis
+	for b in $(BMRS_BLOCKS); do \
+	  $(PY) train.py -m experiment=bmrs_$$b seed=$(BMRS_SEEDS) trainer.threads=1 $(ARGS) || exit 1; \
+	  $(PY) train.py -m experiment=bmrs_$$b pruner=bmrs_post pruner.points=$(BMRS_POINTS) seed=$(BMRS_SEEDS) trainer.threads=1 $(ARGS) || exit 1; \
+	done
+	$(PY) -m analysis.bmrs outputs/multirun/bmrs --out outputs/analysis/bmrs
+
+bmrs-analysis: install ## rebuild BMRS Table 1, structure table and Fig. 2 from outputs/multirun/bmrs
+	$(PY) -m analysis.bmrs outputs/multirun/bmrs --out outputs/analysis/bmrs
+
+bench-bmrs: install ## BMRS: epoch overhead of continuous pruning; cut vs dense latency of finished bmrs_n runs
+	$(PY) -m bayes_prune.bench_bmrs overhead --kernels c torch --out outputs/bench/bmrs_overhead.json
+	$(PY) -m bayes_prune.bench_bmrs cut $$(ls -d outputs/multirun/bmrs/*/*/bmrs_n/sparsity=0/seed=0) --out outputs/bench/bmrs_cut.json

@@ -53,6 +53,11 @@ class PriorName(str, Enum):
     laplace = "laplace"
 
 
+class FinetuneSelect(str, Enum):
+    last = "last"  # the network after the last finetune epoch
+    best_val = "best_val"  # the finetune epoch with the best validation accuracy (dataset.val_fraction)
+
+
 class Objective(str, Enum):
     posterior = "posterior"  # mean loss - log p(w) / n  (methods.md A6)
     likelihood = "likelihood"  # mean loss only
@@ -75,6 +80,11 @@ class DatasetConfig:
     name: DatasetName = DatasetName.mnist
     train_subset: int | None = None  # first-n subset of the training set (quick runs); None = all
     test_subset: int | None = None
+    resize: int | None = None  # bilinear resize to resize x resize (BMRS: MNIST at 32 x 32); None = as stored
+    normalise: list[float] | None = None  # [mean, std] for every channel of [0, 1] pixels; None = the
+    #                                       dataset's own statistics (torchvision datasets only)
+    val_fraction: float | None = None  # hold out this fraction of the training set as a validation
+    #                                    set (a fixed random split); None = no validation set
     # synthetic only
     shape: list[int] = field(default_factory=lambda: [1, 28, 28])
     num_classes: int = 10
@@ -88,6 +98,17 @@ class DatasetConfig:
             check(v is None or v >= 1, f"dataset.{key}", v, "null or an integer >= 1")
         check(len(self.shape) == 3 and all(s >= 1 for s in self.shape), "dataset.shape",
               self.shape, "[channels, height, width] with every entry >= 1")
+        check(self.resize is None or self.resize >= 1, "dataset.resize", self.resize,
+              "null or an integer >= 1")
+        check(self.normalise is None or (len(self.normalise) == 2 and all(map(is_finite, self.normalise))
+                                         and self.normalise[1] > 0),
+              "dataset.normalise", self.normalise, "null or [mean, std] with std > 0")
+        check(self.normalise is None or self.name in (DatasetName.mnist, DatasetName.fashion_mnist,
+                                                      DatasetName.cifar10),
+              "dataset.normalise", self.normalise, "null for datasets other than mnist, "
+              "fashion_mnist and cifar10")
+        check(self.val_fraction is None or (is_finite(self.val_fraction) and 0 < self.val_fraction < 1),
+              "dataset.val_fraction", self.val_fraction, "null or a number in (0, 1)")
         check(self.num_classes >= 2, "dataset.num_classes", self.num_classes, "an integer >= 2")
         check(self.n_train >= 1, "dataset.n_train", self.n_train, "an integer >= 1")
         check(self.n_test >= 1, "dataset.n_test", self.n_test, "an integer >= 1")
@@ -120,6 +141,7 @@ class MethodConfig:
     # start from the final network (weights, cut widths, masks) of a finished run directory
     # instead of a fresh initialisation; "{seed}" in it is replaced by the run's seed
     init_from: str | None = None
+    finetune_select: FinetuneSelect | None = None  # which finetune epoch the run keeps; None = last
 
     def __post_init__(self) -> None:
         check(len(self.phases) >= 1, "pruner.phases", self.phases, "a non-empty list of phases")
@@ -264,7 +286,9 @@ def validate(cfg: DictConfig) -> Config:
     """Resolve the composed config into typed objects; raises ConfigError on a bad value.
 
     Methods that ignore the sparsity target get `sparsity.percent = 0`, so an unpruned run is one
-    run per seed whatever `sparsity=` a sweep passed (it lands in the `sparsity=0` folder).
+    run per seed whatever `sparsity=` a sweep passed (it lands in the `sparsity=0` folder). Methods
+    with an objective of their own (`Method.weight_prior = False`, e.g. BMRS's CE + KL) get
+    `trainer.objective = likelihood`: paper 000's weight prior is never added to their loss.
     """
     from .methods import method_class
     from .schema import flatten
@@ -284,6 +308,11 @@ def validate(cfg: DictConfig) -> Config:
         raise ConfigError(f"invalid value pruner.method={obj.pruner.method!r}: the schema "
                           f"{type(obj.pruner).__name__} belongs to another method")
     cls.check(obj.pruner)
+    if obj.pruner.finetune_select is FinetuneSelect.best_val and obj.dataset.val_fraction is None:
+        raise ConfigError("invalid value pruner.finetune_select=best_val: it needs a validation set; "
+                          "set dataset.val_fraction (e.g. 0.2)")
+    if not cls.weight_prior:  # the method's own objective has no place for paper 000's prior
+        obj.trainer.objective = Objective.likelihood
     if not cls.uses_sparsity:
         obj.sparsity.percent = 0.0
     return obj

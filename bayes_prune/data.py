@@ -38,6 +38,8 @@ class Data:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    x_val: torch.Tensor | None = None  # held out of the training set (dataset.val_fraction)
+    y_val: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -45,9 +47,11 @@ class Data:
 
     def to(self, device: torch.device, channels_last: bool = False) -> Data:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
+        val = (None, None) if self.x_val is None else (self.x_val.to(device, memory_format=fmt),
+                                                       self.y_val.to(device))
         return Data(self.x_train.to(device, memory_format=fmt), self.y_train.to(device),
                     self.x_test.to(device, memory_format=fmt), self.y_test.to(device),
-                    self.num_classes)
+                    self.num_classes, *val)
 
 
 def _unreadable_mnist_files(raw: Path) -> list[str]:
@@ -106,6 +110,27 @@ def _images_to_tensor(images) -> torch.Tensor:
     return x.float().div_(255.0).contiguous()
 
 
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of [n, C, H, W] images to size x size (torchvision's Resize on tensors)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = torch.empty((len(x), x.shape[1], size, size), dtype=x.dtype)
+    for i in range(0, len(x), 10_000):  # bounded memory for the 50,000-image sets
+        out[i:i + 10_000] = F.interpolate(x[i:i + 10_000], size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=True)
+    return out
+
+
+def _split_val(data: Data, fraction: float) -> Data:
+    """A fixed random `fraction` of the training set (its own generator) becomes the validation set."""
+    n = len(data.x_train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(20_240_602))
+    n_val = round(fraction * n)
+    val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
+    return Data(data.x_train[train], data.y_train[train], data.x_test, data.y_test, data.num_classes,
+                data.x_train[val], data.y_train[val])
+
+
 def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
@@ -113,11 +138,14 @@ def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def _load_torchvision(cfg: DatasetConfig, root: Path) -> Data:
-    mean, std = STATS[cfg.name]
+    mean, std = STATS[cfg.name] if cfg.normalise is None else ([cfg.normalise[0]], [cfg.normalise[1]])
     splits = []
     for train in (True, False):
         ds = _torchvision_split(cfg.name, root, train)
-        x = _normalise(_images_to_tensor(ds.data), mean, std)
+        x = _images_to_tensor(ds.data)
+        if cfg.resize is not None:  # resized on [0, 1] pixels, then normalised
+            x = _resize(x, cfg.resize)
+        x = _normalise(x, mean, std)
         y = torch.as_tensor(ds.targets, dtype=torch.long)
         splits += [x, y]
     return Data(*splits, num_classes=10)
@@ -164,9 +192,11 @@ def _make_synthetic(cfg: DatasetConfig) -> Data:
 def input_shape(cfg: DatasetConfig) -> tuple[tuple[int, int, int], int]:
     """(image shape, classes) of a dataset, known without loading it."""
     if cfg.name is DatasetName.synthetic:
-        return tuple(cfg.shape), cfg.num_classes  # type: ignore[return-value]
+        c, h, w = cfg.shape
+        return ((c, h, w) if cfg.resize is None else (c, cfg.resize, cfg.resize)), cfg.num_classes
     shapes = {DatasetName.digits: (1, 8, 8), DatasetName.cifar10: (3, 32, 32)}
-    return shapes.get(cfg.name, (1, 28, 28)), 10
+    c, h, w = shapes.get(cfg.name, (1, 28, 28))
+    return ((c, h, w) if cfg.resize is None else (c, cfg.resize, cfg.resize)), 10
 
 
 def load_data(cfg: DatasetConfig, data_dir: str | Path, device: torch.device,
@@ -179,6 +209,10 @@ def load_data(cfg: DatasetConfig, data_dir: str | Path, device: torch.device,
         data = _make_synthetic(cfg)
     else:
         data = _load_torchvision(cfg, Path(data_dir))
+    if cfg.resize is not None and cfg.name in (DatasetName.digits, DatasetName.synthetic):
+        data.x_train, data.x_test = _resize(data.x_train, cfg.resize), _resize(data.x_test, cfg.resize)
+    if cfg.val_fraction is not None:
+        data = _split_val(data, cfg.val_fraction)
     if cfg.train_subset is not None:
         data.x_train, data.y_train = data.x_train[: cfg.train_subset], data.y_train[: cfg.train_subset]
     if cfg.test_subset is not None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import Phase
+from .config import FinetuneSelect, Phase
 from .masks import global_sparsity, layer_sparsity
 from .methods.base import Calibration
 from .progress import ProgressReporter
@@ -51,8 +51,11 @@ def _state_fields(run: RunState) -> dict:
 
 
 def epochs(run: RunState, phase: Phase, n_epochs: int, bars: bool, checkpoint: Checkpoint) -> bool:
-    """`train` (with the method's end-of-epoch step) or `finetune` (masks fixed)."""
+    """`train` (with the method's end-of-epoch step) or `finetune` (masks fixed). Under
+    `pruner.finetune_select=best_val` a finetune phase evaluates the validation set after every
+    epoch and ends with the weights of its best epoch (the first, among equals)."""
     cycle = run.position.cycle
+    select = phase is Phase.finetune and run.cfg.pruner.finetune_select is FinetuneSelect.best_val
     batches = -(-len(run.data.x_train) // run.cfg.trainer.batch_size)
     progress = ProgressReporter(bars, phase.value, n_epochs, run.position.epoch + 1, batches)
     for epoch in range(run.position.epoch + 1, n_epochs + 1):
@@ -66,12 +69,24 @@ def epochs(run: RunState, phase: Phase, n_epochs: int, bars: bool, checkpoint: C
                  "train_loss": train_loss, "train_acc": train_acc,
                  "test_loss": after_loss, "test_acc": after_acc,
                  "test_loss_before_prune": test_loss, "test_acc_before_prune": test_acc,
-                 **fields, **_state_fields(run), "seconds": time.perf_counter() - t0}
+                 **fields, **_state_fields(run)}
+        if select:
+            entry["val_loss"], entry["val_acc"] = run.evaluate_val()
+            if run.best is None or entry["val_acc"] > run.best["val_acc"]:
+                run.best = {"val_acc": entry["val_acc"], "epoch": epoch, "index": len(run.history),
+                            "model": {k: v.detach().clone() for k, v in run.model.state_dict().items()}}
+        entry["seconds"] = time.perf_counter() - t0
         run.history.append(entry)
         run.position.epoch = epoch
         progress.end_epoch(entry)
         checkpoint()
     progress.close()
+    if select and run.best is not None:
+        run.model.load_state_dict(run.best["model"])
+        run.history[run.best["index"]]["selected"] = True
+        log.info("finetune: keeping epoch %d (best validation accuracy %.4f)", run.best["epoch"],
+                 run.best["val_acc"])
+        run.best = None
     return True
 
 

@@ -50,6 +50,7 @@ class RunState:
         self.prune_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
         self.position = Position()
         self.history: list[dict] = []
+        self.best: dict | None = None  # the best finetune epoch so far (pruner.finetune_select=best_val)
         self.wall_before = 0.0
         self.graph = use_cuda_graph(cfg.trainer.cuda_graph, device, type(method))
         self._bind()
@@ -151,6 +152,15 @@ class RunState:
         n = len(self.data.y_test)
         return ce / n, correct / n
 
+    def evaluate_val(self) -> tuple[float, float]:
+        """(mean loss, accuracy) on the validation set held out of the training set."""
+        if self.data.x_val is None:
+            raise ValueError("no validation set: set dataset.val_fraction")
+        ce, correct = evaluate(self.model, self.data.x_val, self.data.y_val, self.eval_batch_size,
+                               self.method.predict)
+        n = len(self.data.y_val)
+        return ce / n, correct / n
+
     @property
     def widths(self) -> dict[str, int]:
         """Output units of the hidden weight layers where they differ from the dense network."""
@@ -164,7 +174,7 @@ class RunState:
             "masks": self.masks, "shuffle_gen": self.shuffle_gen.get_state(),
             "prune_gen": self.prune_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "method": self.method.state_dict(), "history": self.history,
-            "persistent": self.grad_masker is not None,
+            "persistent": self.grad_masker is not None, "best": self.best,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -184,6 +194,7 @@ class RunState:
         self.method.load_state_dict(state["method"])
         self.position = Position(**state["position"])
         self.history = state["history"]
+        self.best = state.get("best")
 
 
 def init_source(cfg: Config) -> Path | None:

@@ -37,6 +37,8 @@ def tiny(experiment: str) -> list[str]:
     overrides = [f"experiment={experiment}", *[o for o in point if not o.startswith("dataset=")],
                  "dataset=synthetic", f"dataset.shape=[{c},{h},{w}]", f"dataset.num_classes={classes}",
                  "dataset.n_train=96", "dataset.n_test=48", "trainer.epochs=1", "trainer.progress=off"]
+    # the synthetic data already has the (resized) shape; normalising is for torchvision datasets
+    overrides += [f"dataset.{k}=null" for k in ("resize", "normalise") if getattr(cfg.dataset, k) is not None]
     if cfg.pruner.finetune_epochs > 1:
         overrides.append("pruner.finetune_epochs=1")
     if cfg.pruner.cycles > 2:

@@ -79,6 +79,10 @@ class Method:
     # fleet computes their training epochs, test passes and `run.evidence` passes, so such a method
     # keeps the default network and loss and changes the weights only through `run.set_masks`.
     stackable: ClassVar[bool] = False
+    # Does the method train under trainer.objective=posterior (paper 000's Gaussian weight prior
+    # added to the loss)? Methods with an objective of their own say False: config.validate then
+    # sets trainer.objective=likelihood, so the recorded config says what was trained.
+    weight_prior: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, run_cfg: Config) -> None:
         self.cfg = cfg
