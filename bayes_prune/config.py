@@ -255,7 +255,8 @@ def validate(cfg: DictConfig) -> Config:
     """Resolve the composed config into typed objects; raises ConfigError on a bad value.
 
     Methods that ignore the sparsity target get `sparsity.percent = 0`, so an unpruned run is one
-    run per seed whatever `sparsity=` a sweep passed (it lands in the `sparsity=0` folder).
+    run per seed whatever `sparsity=` a sweep passed (it lands in the `sparsity=0` folder). A method
+    with its own training objective (`Method.objective`) gets that `trainer.objective`.
     """
     from .methods import method_class
     from .schema import flatten
@@ -277,6 +278,8 @@ def validate(cfg: DictConfig) -> Config:
     cls.check(obj.pruner)
     if not cls.uses_sparsity:
         obj.sparsity.percent = 0.0
+    if cls.objective is not None:
+        obj.trainer.objective = cls.objective
     return obj
 
 
