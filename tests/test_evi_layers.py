@@ -233,7 +233,7 @@ def test_dense_blocks_through_the_same_layers_give_the_same_moments():
     assert torch.allclose(fc((mean, low))[1].blocks, fc((mean, dense))[1].blocks, atol=1e-12)
 
 
-@pytest.mark.parametrize("batch", [2, 12])
+@pytest.mark.parametrize("batch", [2, 24])
 def test_diagonal_projection_is_the_same_on_both_of_its_paths(batch):
     var = torch.rand(batch, 3, 5)
     w = torch.randn(10, 3, 5)
