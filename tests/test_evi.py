@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_cfg, strip_timings
+from conftest import compose_cfg, mnist_root, needs_mnist, strip_timings
 
 from bayes_prune.config import ConfigError, DatasetConfig, validate
 from bayes_prune.experiment import JobContext, run_experiment
@@ -213,3 +213,34 @@ def test_out_of_cycles_the_zero_kernels_are_removed_without_retraining(tmp_path)
     assert cycle["zero_kernels"] > 0 and compress["restart"] == "removed"
     assert record["final"]["kernels"] == 8 - cycle["zero_kernels"]
     assert record["final"]["test_acc"] == pytest.approx(cycle["test_acc_removed"])
+
+
+# -- analysis ---------------------------------------------------------------------------------------
+
+
+@needs_mnist
+def test_analysis_draws_fig5_figs2_to_4_and_writes_the_tables(tmp_path, monkeypatch):
+    from analysis.evi import main as analyse
+    from analysis.evi import variant_of
+
+    monkeypatch.setenv("BAYES_PRUNE_DATA", str(mnist_root()))
+    base = ["dataset=mnist", "dataset.train_subset=256", "dataset.test_subset=256",
+            "trainer.epochs=1", "trainer.batch_size=16", "trainer.lr=0.0016", "trainer.progress=off",
+            "pruner=self_compress", "pruner.cycles=1", f"paths.data_dir={mnist_root()}"]
+    records = []
+    for model, n in (("evi_cnn", 100), ("vanilla_cnn", 100), ("vanilla_cnn", 6)):
+        cfg = validate(compose_cfg(base + [f"model={model}", f"model.kernels={n}"]))
+        records.append(run_experiment(cfg, JobContext(tmp_path / "runs" / f"{model}{n}", [])))
+    variant = variant_of(records[0]["config"])
+    assert variant == "epochs=1,train_subset=256"
+    out = tmp_path / "analysis"
+    assert analyse([str(tmp_path / "runs"), "--out", str(out), "--variant", variant]) == 0
+    for name in ("fig5_accuracy_vs_kernels", "fig2_kernel_norms_mnist_n100",
+                 "fig3_kernel_norms_mnist"):
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").exists()
+    for table in ("zero_kernels", "storage", "loops"):
+        assert all((out / f"{table}.{ext}").exists() for ext in ("md", "tex", "csv"))
+    zk = (out / "zero_kernels.md").read_text()
+    assert "| MNIST | 100 | Bayesian eVI |" in zk and "| MNIST | 6 | vanilla |" in zk
+    storage = (out / "storage.csv").read_text().splitlines()
+    assert len(storage) == 2 and storage[1].startswith("MNIST,")

@@ -320,8 +320,9 @@ class SelfCompress(Method):
         model = run.model
         norms = kernel_norms(model)
         zero = norms <= self.cfg.threshold
+        dead = dead_kernels(model, run.data.x_train)
         out = {"kernels": len(norms), "zero_kernels": int(zero.sum()),
-               "dead_kernels": int(dead_kernels(model, run.data.x_train).sum()),
+               "dead_kernels": int(dead.sum()), "dead_kernel_ids": dead.nonzero().flatten().tolist(),
                "kernel_norms": norms.tolist(), "storage_floats": storage_floats(model)}
         if isinstance(model, EVICNN):
             s2 = model.conv.sigma2().detach()
