@@ -21,7 +21,7 @@ else
   EXP := table1
 endif
 
-.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs
+.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs evi evi-analysis bench-evi
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -61,3 +61,16 @@ analysis: install ## rebuild table, figures and report from outputs/multirun/$(E
 
 clean-outputs: ## delete everything under outputs/ (runs, sweeps, analyses)
 	find outputs -mindepth 1 ! -name .gitkeep -delete
+
+evi: install ## paper 003: MNIST / Fashion-MNIST loops and N sweeps (resumable), then analysis.evi
+	$(PY) train.py -m experiment=evi_mnist $(ARGS)
+	$(PY) train.py -m experiment=evi_sweep_mnist $(ARGS)
+	$(PY) train.py -m experiment=evi_fmnist $(ARGS)
+	$(PY) train.py -m experiment=evi_sweep_fmnist $(ARGS)
+	$(PY) -m analysis.evi outputs/multirun/evi --out outputs/analysis/evi
+
+evi-analysis: install ## paper 003: Fig. 5, Figs. 2-4 and the tables from outputs/multirun/evi
+	$(PY) -m analysis.evi outputs/multirun/evi --out outputs/analysis/evi
+
+bench-evi: install ## eVI seconds per epoch and peak memory, full vs diagonal (BENCH_ARGS="--device cuda")
+	$(PY) -m bayes_prune.bench_evi $(BENCH_ARGS)
