@@ -282,3 +282,23 @@ def test_dera_tf1_kl_has_the_l1_norm_of_the_means():
     w2 = w.clone()
     w2[0] *= 2  # doubling one kernel adds its L1 norm / 2, not its squared norm
     assert torch.allclose(kl_dera_tf1(w2, s2) - kl_dera_tf1(w, s2), 0.5 * w[0].abs().sum())
+
+
+@pytest.mark.parametrize("kl, reaches_zero", [(kl_dera_tf1, False), (kl_exact_gauss, True)])
+def test_adam_drives_a_dead_kernel_to_zero_under_the_l2_kl_but_not_the_l1_one(kl, reaches_zero):
+    """A dead kernel (ReLU never active) gets no likelihood gradient: only tau x KL moves its mean.
+    Adam's steps have the size of lr whatever the gradient's, so under the L1 norm of the TF1 KL the
+    mean hovers about 0 at the scale of lr, never <= 1e-7; the exact KL's squared norm shrinks
+    the gradient with the mean and Adam's steps with it, down to 0 (why zero kernels need it)."""
+    torch.manual_seed(8)
+    weight = torch.nn.Parameter(0.1 * torch.randn(1, 1, 5, 5))
+    rho = torch.nn.Parameter(torch.full((1,), -3.0))
+    opt = torch.optim.Adam([weight, rho], lr=1e-3)
+    for _ in range(4000):
+        opt.zero_grad()
+        (0.002 * kl(weight, torch.nn.functional.softplus(rho))).backward()
+        opt.step()
+    norm = float(weight.detach().norm())
+    assert (norm <= 1e-7) == reaches_zero
+    if not reaches_zero:
+        assert 1e-5 < norm < 1e-2  # the lr scale
