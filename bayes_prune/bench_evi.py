@@ -3,8 +3,11 @@
 
     python -m bayes_prune.bench_evi                         # CPU: batch 1 and 16, N = 100
     python -m bayes_prune.bench_evi --device cuda --batch 16 64 256
+    python -m bayes_prune.bench_evi --covariance full naive --batch 4 --no-vanilla
 
-Each configuration runs in a fresh process: the trainer's epoch (`trainer.train_epoch` with the
+`naive` runs the full rule on materialised per-channel blocks (N x 576 x 576 per example after
+the convolution), what the low-rank factor of `evi.py` avoids. Each configuration runs in a fresh
+process: the trainer's epoch (`trainer.train_epoch` with the
 method's ELBO and KL, fused Adam) over the first `--examples` MNIST training images (the real
 images when `BAYES_PRUNE_DATA` has them, random ones of MNIST's shape otherwise), after a warm-up.
 Seconds per epoch are that time scaled to 60,000 images. Peak memory is the process's peak
@@ -56,6 +59,7 @@ def measure(model: str, covariance: str, batch: int, kernels: int, examples: int
             device: str, threads: int) -> dict:
     """One configuration, in this process."""
     from .config import Config, DatasetConfig
+    from .evi import FullCov
     from .methods.base import Step
     from .methods.self_compress import (
         Covariance,
@@ -73,11 +77,14 @@ def measure(model: str, covariance: str, batch: int, kernels: int, examples: int
     _reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    cfg = (EVICNNConfig(kernels=kernels, covariance=Covariance(covariance)) if model == "evi_cnn"
-           else VanillaCNNConfig(kernels=kernels))
+    naive = covariance == "naive"
+    cov = Covariance.full if naive else Covariance(covariance) if model == "evi_cnn" else None
+    cfg = EVICNNConfig(kernels=kernels, covariance=cov) if cov else VanillaCNNConfig(kernels=kernels)
     method = SelfCompress(SelfCompressConfig(), Config(dataset=DatasetConfig()))
     torch.manual_seed(0)
     net = method.build_model(cfg, (1, 28, 28), 10).to(dev)
+    if naive:  # the same rules on materialised (N x 576 x 576) blocks: what the factor avoids
+        net.conv.register_forward_hook(lambda mod, inp, out: (out[0], FullCov(out[1].dense())))
     opt = make_optimizer(net, 1e-4, dev)
     gen = torch.Generator().manual_seed(0)
 
@@ -107,7 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--covariance", nargs="+", default=["full", "diagonal"])
+    ap.add_argument("--covariance", nargs="+", default=["full", "diagonal"],
+                    help="full, diagonal, naive (full on materialised blocks)")
     ap.add_argument("--kernels", type=int, default=100)
     ap.add_argument("--examples", type=int, default=None,
                     help="images timed per configuration (default: 800 x batch, at most 60,000)")
