@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .collect import collect, find_metrics
 
@@ -99,6 +101,8 @@ def networks(root: Path, exclude: list[Path]) -> pd.DataFrame:
                 "dead_kernel_ids": c.get("dead_kernel_ids"),
                 "threshold": _flat(config, "pruner.threshold"),
                 "final_kernels": final["kernels"], "final_test_acc": final["test_acc"],
+                "max_cycles": _flat(config, "pruner.cycles"),
+                "kernels_initial": cycles[0]["kernels"],
                 "cycles_run": len(cycles), "run_dir": run["run_dir"],
             })
     return pd.DataFrame(rows)
@@ -180,16 +184,20 @@ def _norm_panel(ax, row: pd.Series) -> None:
     colours = ["tab:red" if z else "tab:purple" if i in dead else "tab:gray"
                for i, z in enumerate(zero)]
     ax.bar(xs, [max(n, floor) for n in norms], color=colours, width=0.8)
+    handles = [Line2D([], [], color="tab:red", lw=0.8, ls="--",
+                      label=f"zero kernel: norm <= {thr:g}")]
+    if any(zero):
+        handles.append(Patch(color="tab:red", label="zero kernel"))
     if dead - {i for i, z in enumerate(zero) if z}:
-        ax.bar([], [], color="tab:purple", label="dead (never active), not zero")
-    ax.axhline(thr, color="tab:red", lw=0.8, ls="--", label=f"zero kernel: norm <= {thr:g}")
+        handles.append(Patch(color="tab:purple", label="dead (never active), not zero"))
+    ax.axhline(thr, color="tab:red", lw=0.8, ls="--")
     ax.set_yscale("log")
     ax.set_ylim(floor, max(max(norms) * 3, 1))
     ax.set_xlabel("kernel")
     ax.set_ylabel("Frobenius norm")
     ax.set_title(f"{row['kind']}, N = {row['kernels']}: {sum(zero)} zero kernels, "
                  f"acc {100 * row['test_acc']:.2f} %", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
 
 
 def fig_norms(nets: pd.DataFrame, out: Path) -> list[Path]:
@@ -275,7 +283,8 @@ def storage_table(nets: pd.DataFrame, d: int = 5) -> pd.DataFrame:
         bayes = sub[sub["kind"] == "Bayesian eVI"]
         if not len(bayes):
             continue
-        loop = bayes.sort_values(["cycles_run", "final_kernels"], ascending=[False, True]).iloc[0]
+        # the loop experiment's run: allowed several cycles, started from the most kernels
+        loop = bayes.sort_values(["max_cycles", "kernels_initial"], ascending=False).iloc[0]
         n_b, acc_b = int(loop["final_kernels"]), float(loop["final_test_acc"])
         vanilla = sub[(sub["kind"] == "vanilla") & (sub["trained_from"] == "scratch")]
         reach = vanilla[vanilla["test_acc"] >= acc_b]
