@@ -21,7 +21,7 @@ else
   EXP := table1
 endif
 
-.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs lobs bench-lobs bmrs-table1 bmrs-analysis bench-bmrs
+.PHONY: help install demo test lint bench gpu-check table1 analysis clean-outputs lobs bench-lobs bmrs-table1 bmrs-analysis bench-bmrs evi evi-analysis bench-evi
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -88,3 +88,16 @@ bmrs-analysis: install ## rebuild BMRS Table 1, structure table and Fig. 2 from 
 bench-bmrs: install ## BMRS: epoch overhead of continuous pruning; cut vs dense latency of finished bmrs_n runs
 	$(PY) -m bayes_prune.bench_bmrs overhead --kernels c torch --out outputs/bench/bmrs_overhead.json
 	$(PY) -m bayes_prune.bench_bmrs cut $$(ls -d outputs/multirun/bmrs/*/*/bmrs_n/sparsity=0/seed=0) --out outputs/bench/bmrs_cut.json
+
+evi: install ## paper 003: MNIST / Fashion-MNIST loops and N sweeps (resumable), then analysis.evi
+	$(PY) train.py -m experiment=evi_mnist $(ARGS)
+	$(PY) train.py -m experiment=evi_sweep_mnist $(ARGS)
+	$(PY) train.py -m experiment=evi_fmnist $(ARGS)
+	$(PY) train.py -m experiment=evi_sweep_fmnist $(ARGS)
+	$(PY) -m analysis.evi outputs/multirun/evi --out outputs/analysis/evi
+
+evi-analysis: install ## paper 003: Fig. 5, Figs. 2-4 and the tables from outputs/multirun/evi
+	$(PY) -m analysis.evi outputs/multirun/evi --out outputs/analysis/evi
+
+bench-evi: install ## eVI seconds per epoch and peak memory, full vs diagonal (BENCH_ARGS="--device cuda")
+	$(PY) -m bayes_prune.bench_evi $(BENCH_ARGS)

@@ -286,9 +286,8 @@ def validate(cfg: DictConfig) -> Config:
     """Resolve the composed config into typed objects; raises ConfigError on a bad value.
 
     Methods that ignore the sparsity target get `sparsity.percent = 0`, so an unpruned run is one
-    run per seed whatever `sparsity=` a sweep passed (it lands in the `sparsity=0` folder). Methods
-    with an objective of their own (`Method.weight_prior = False`, e.g. BMRS's CE + KL) get
-    `trainer.objective = likelihood`: paper 000's weight prior is never added to their loss.
+    run per seed whatever `sparsity=` a sweep passed (it lands in the `sparsity=0` folder). A method
+    with its own training objective (`Method.objective`) gets that `trainer.objective`.
     """
     from .methods import method_class
     from .schema import flatten
@@ -311,10 +310,10 @@ def validate(cfg: DictConfig) -> Config:
     if obj.pruner.finetune_select is FinetuneSelect.best_val and obj.dataset.val_fraction is None:
         raise ConfigError("invalid value pruner.finetune_select=best_val: it needs a validation set; "
                           "set dataset.val_fraction (e.g. 0.2)")
-    if not cls.weight_prior:  # the method's own objective has no place for paper 000's prior
-        obj.trainer.objective = Objective.likelihood
     if not cls.uses_sparsity:
         obj.sparsity.percent = 0.0
+    if cls.objective is not None:
+        obj.trainer.objective = cls.objective
     return obj
 
 

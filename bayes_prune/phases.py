@@ -108,7 +108,8 @@ def compress(run: RunState) -> bool:
     """Returns False when the method found nothing to remove (the cycles stop)."""
     t0 = time.perf_counter()
     fields = run.method.compress(run)
-    changed = fields is not None
+    # None, or fields with `changed: False`, when nothing was removed (the fields are still recorded)
+    changed = fields is not None and bool(fields.pop("changed", True))
     test_loss, test_acc = run.evaluate()
     entry = {"phase": Phase.compress.value, "cycle": run.position.cycle, "epoch": None,
              "changed": changed, "test_loss": test_loss, "test_acc": test_acc, **(fields or {}),

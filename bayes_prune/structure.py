@@ -132,7 +132,11 @@ def unit_masks(model: nn.Module, keep: dict[str, torch.Tensor], input_shape: tup
 
 @torch.no_grad()
 def cut(model: nn.Module, keep: dict[str, torch.Tensor], input_shape: tuple[int, ...]) -> nn.Module:
-    """A copy of `model` with the units `keep[layer] == False` physically removed."""
+    """A copy of `model` with the units `keep[layer] == False` physically removed. A network that
+    is not a flat sequence of standard layers (e.g. a moment-propagating one) cuts itself: it
+    declares `cut_units(keep) -> nn.Module`."""
+    if hasattr(model, "cut_units"):
+        return model.cut_units(keep)
     new = copy.deepcopy(model)
     for name, m, in_idx, out_idx in _walk(model, keep, input_shape):
         replacement = None

@@ -13,7 +13,8 @@ framework's.
     start         once the run state exists (e.g. set up an evidence pass)
     epoch_end     after every train-phase epoch: during-training pruning
     prune         the post-training `prune` phase, with a calibration set
-    compress      the `compress` phase: rebuild the model smaller, or None when nothing goes
+    compress      the `compress` phase: rebuild the model smaller, or None (or fields with
+                  `changed: False`) when nothing goes
     final         extra fields for metrics.json's `final`
     state_dict    method state a checkpoint must carry to resume bit-identically
 """
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, MethodConfig, ModelConfig, Phase
+from ..config import Config, ConfigError, MethodConfig, ModelConfig, Objective, Phase
 from ..models import build_model, prunable_layers
 from ..trainer import cross_entropy_loss
 
@@ -79,10 +80,10 @@ class Method:
     # fleet computes their training epochs, test passes and `run.evidence` passes, so such a method
     # keeps the default network and loss and changes the weights only through `run.set_masks`.
     stackable: ClassVar[bool] = False
-    # Does the method train under trainer.objective=posterior (paper 000's Gaussian weight prior
-    # added to the loss)? Methods with an objective of their own say False: config.validate then
-    # sets trainer.objective=likelihood, so the recorded config says what was trained.
-    weight_prior: ClassVar[bool] = True
+    # The trainer.objective this method's runs use, whatever the config says (`config.validate` sets
+    # it, as it sets sparsity.percent=0 for methods that ignore it): `likelihood` for a method whose
+    # loss is its whole objective, e.g. an ELBO with its own prior. None: the config's.
+    objective: ClassVar[Objective | None] = None
 
     def __init__(self, cfg: MethodConfig, run_cfg: Config) -> None:
         self.cfg = cfg

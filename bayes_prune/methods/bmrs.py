@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import bmrs_kernel, truncnorm
 from ..bmrs_layers import LogUniformNoise, kl_terms, noise_layers, with_noise
-from ..config import MethodConfig, Phase, check, is_finite
+from ..config import MethodConfig, Objective, Phase, check, is_finite
 from ..models import build_model
 from ..structure import cut, unit_masks, widths
 from .base import Method, register_method
@@ -280,7 +280,7 @@ class NoiseMethod(Method):
     """Shared machinery: the noisy network, the KL penalty, unit masks and the final cut."""
 
     config = NoiseConfig
-    weight_prior = False
+    objective = Objective.likelihood
 
     def __init__(self, cfg, run_cfg) -> None:
         super().__init__(cfg, run_cfg)
@@ -548,7 +548,7 @@ class NoNoise(Method):
     fine-tuned as long as the pruned ones."""
 
     config = DenseConfig
-    weight_prior = False
+    objective = Objective.likelihood
 
     def final(self, run) -> dict:
         return {"unit_compression": 0.0, "param_compression": 0.0, "params_removed": 0.0}
