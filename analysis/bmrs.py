@@ -227,6 +227,8 @@ def draw_block(ax, sw: pd.DataFrame, title: str) -> None:
 def fig2(sw: pd.DataFrame, out_dir: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
+    from .figures import save_figure
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     if not len(sw):
@@ -240,10 +242,7 @@ def fig2(sw: pd.DataFrame, out_dir: Path) -> list[Path]:
         return f"{DATASETS.get(d, d)} × {MODELS.get(m, m)}" + (f" ({v})" if v else "") + f", {n} seeds"
 
     def save(fig, name):
-        fig.tight_layout()
-        for ext in ("png", "pdf"):
-            fig.savefig(out_dir / f"{name}.{ext}", dpi=150)
-            paths.append(out_dir / f"{name}.{ext}")
+        paths.extend(save_figure(fig, out_dir, name))
 
     for d, m, v in blocks:
         fig = Figure(figsize=(6, 4.5))

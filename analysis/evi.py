@@ -33,8 +33,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .collect import collect, find_metrics
+from .figures import save_figure
 
-DPI = 150
 KIND = {"evi_cnn": "Bayesian eVI", "vanilla_cnn": "vanilla"}
 COLOURS = {"Bayesian eVI": "tab:orange", "vanilla": "tab:blue"}  # as in the paper's Fig. 5
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
@@ -111,14 +111,6 @@ def networks(root: Path, exclude: list[Path]) -> pd.DataFrame:
 # -- output helpers ------------------------------------------------------------------------------
 
 
-def _save(fig: Figure, out: Path, name: str) -> list[Path]:
-    fig.tight_layout()
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=DPI)
-    fig.savefig(paths[1])
-    return paths
-
-
 def _tex(s: str) -> str:
     return str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 
@@ -171,7 +163,7 @@ def fig5(nets: pd.DataFrame, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    return _save(fig, out, "fig5_accuracy_vs_kernels")
+    return save_figure(fig, out, "fig5_accuracy_vs_kernels")
 
 
 def _norm_panel(ax, row: pd.Series) -> None:
@@ -227,7 +219,7 @@ def fig_norms(nets: pd.DataFrame, out: Path) -> list[Path]:
                 else:
                     ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes)
                     ax.set_title(f"{kind}, N = {n}", fontsize=9)
-        paths += _save(fig, out, name)
+        paths += save_figure(fig, out, name)
     return paths
 
 

@@ -45,7 +45,8 @@ def _palette(labels) -> dict[str, str]:
     return {lab: COLOURS.get(lab) or next(extra) for lab in labels}
 
 
-def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+def save_figure(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+    """Every figure of `analysis` goes out this way: PNG and PDF, the paths returned."""
     fig.tight_layout()
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=DPI)
@@ -117,7 +118,7 @@ def learning_curves(runs: pd.DataFrame, history: pd.DataFrame, dataset: str, mod
         ax_loss.legend(handles, labels, fontsize="small")
     fig.suptitle(f"{dataset} / {model} — target sparsity {_pct(sparsity)}%"
                  + (f" — {variant}" if variant else ""))
-    return _save(fig, out_dir, _name(f"curves_{dataset}_{model}_s{slug(_pct(sparsity))}", variant))
+    return save_figure(fig, out_dir, _name(f"curves_{dataset}_{model}_s{slug(_pct(sparsity))}", variant))
 
 
 def all_learning_curves(runs: pd.DataFrame, history: pd.DataFrame, out_dir: str | Path,
@@ -160,7 +161,7 @@ def acc_vs_epoch(runs: pd.DataFrame, history: pd.DataFrame, out_dir: str | Path,
                 _empty(ax)
             ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{dataset} / {model} — {col}")
             stem = f"acc_vs_epoch_{dataset}_{model}_{slug(col)}"
-            paths += _save(fig, out_dir, _name(stem, variant))
+            paths += save_figure(fig, out_dir, _name(stem, variant))
     return paths
 
 
@@ -200,7 +201,7 @@ def acc_vs_sparsity(runs: pd.DataFrame, out_dir: str | Path, variant: str = "",
             ax.legend(fontsize="x-small", ncol=2)
         ax.set(xlabel="target sparsity (%)", ylabel="final test accuracy",
                title=f"{dataset} / {model}" + (f" — {variant}" if variant else ""))
-        paths += _save(fig, out_dir, _name(f"acc_vs_sparsity_{dataset}_{model}", variant))
+        paths += save_figure(fig, out_dir, _name(f"acc_vs_sparsity_{dataset}_{model}", variant))
     return paths
 
 

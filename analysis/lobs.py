@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .collect import collect
+from .figures import save_figure
 
 METHOD_NAMES = {"lobs_magnitude": "Magnitude", "lobs_approx": "L-OBS approx (paper 001)",
                 "lobs_approx_retrain": "L-OBS approx + retraining (paper 001)",
@@ -164,9 +165,7 @@ def write(runs_dir: Path, out: Path) -> list[Path]:
         stem = "lobs" + (f"_{dataset}_{model}" if summ[["dataset", "model"]].drop_duplicates()
                          .shape[0] > 1 else "") + (f"_{variant}" if variant else "")
         fig = figure(s, f"{dataset} x {model}" + (f" ({variant})" if variant else ""))
-        for ext in ("png", "pdf"):
-            fig.savefig(out / f"{stem}.{ext}", dpi=150)
-            written.append(out / f"{stem}.{ext}")
+        written += save_figure(fig, out, stem)
         wide = table(s)
         (out / f"{stem}.md").write_text(wide.to_markdown(index=False, disable_numparse=True) + "\n")
         (out / f"{stem}.tex").write_text(to_latex(wide))
