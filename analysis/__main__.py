@@ -2,19 +2,27 @@
 
 Collects every run under RUNS_DIR, prints a summary and the problem runs, writes Table 1
 (md/tex/csv), figures and report.html into DIR (default RUNS_DIR/analysis, which collection
-skips), and prints the Markdown table. Broken runs are reported, not fatal; exit status 2 when
-RUNS_DIR is missing or holds no metrics.json.
+skips), and prints the Markdown table. Runs of a family with an analysis of its own (paper 001's
+`lobs`, paper 002's BMRS methods, paper 003's `self_compress`) are handed to it
+(`analysis.lobs`, `analysis.bmrs`, `analysis.evi`), which writes into DIR/<family>; Table 1 covers
+the other runs. Broken runs are reported, not fatal; exit status 2 when RUNS_DIR is missing or
+holds no metrics.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib import import_module
 from pathlib import Path
 
 from .collect import collect, find_metrics
 from .report import write_report
 from .table import table1, to_markdown, write_table1
+
+# pruner.method -> the module of analysis/ that tabulates and draws that family's runs
+FAMILIES = {"lobs": "lobs", "self_compress": "evi",
+            **{m: "bmrs" for m in ("bmrs_n", "bmrs_u", "snr", "e_theta", "l2", "bmrs_post", "bmrs_none")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     variants = sorted(set(col.runs["variant"])) if len(col.runs) else []
     if len(variants) > 1:
         print("variants present: " + ", ".join(repr(v) for v in variants))
+
+    own = col.runs["method"].isin(list(FAMILIES)) if len(col.runs) else None
+    if own is not None and own.any():
+        for family in sorted({FAMILIES[m] for m in col.runs.loc[own, "method"]}):
+            print(f"\n{family} runs: python -m analysis.{family} -> {out / family}")
+            rc = import_module(f"analysis.{family}").main([str(args.runs_dir), "--out", str(out / family)])
+            if rc:
+                return rc
+        if own.all():
+            return 0
+        col.runs = col.runs[~own]
+        col.history = col.history[col.history["run_dir"].isin(col.runs["run_dir"])]
+        print()
 
     wide = table1(col.runs, variant=args.variant)
     written = write_table1(wide, out)

@@ -95,7 +95,8 @@ def learning_curves(runs: pd.DataFrame, history: pd.DataFrame, dataset: str, mod
                   var_name="split", value_name="loss").dropna(subset=["loss"])
     loss["split"] = loss["split"].str.removesuffix("_loss")
     panels = [(ax_loss, loss, "loss", "Loss (train dashed, test solid)"),
-              (ax_bf, h.assign(log_bf=pd.to_numeric(h["log_bf"])).dropna(subset=["log_bf"]),
+              (ax_bf, h.assign(log_bf=pd.to_numeric(h["log_bf"]) if "log_bf" in h else float("nan"))
+               .dropna(subset=["log_bf"]),
                "log_bf", "log Bayes factor"),
               (ax_sp, h.assign(sparsity=100 * pd.to_numeric(h["sparsity"])), "sparsity",
                "Realised sparsity (%)")]

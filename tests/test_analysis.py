@@ -279,3 +279,24 @@ def test_cli_exit_code_without_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_runs_of_a_family_with_its_own_analysis_are_handed_to_it(tmp_path):
+    from conftest import compose_cfg
+
+    from bayes_prune.config import validate
+    from bayes_prune.experiment import JobContext, run_experiment
+
+    tiny = ["dataset=synthetic", "dataset.n_train=64", "dataset.n_test=32", "trainer.epochs=1",
+            "trainer.progress=off"]
+    for name, extra in (("evi", ["model=evi_cnn", "model.kernels=4", "pruner=self_compress",
+                                 "pruner.cycles=1"]),
+                        ("plain", ["pruner=magnitude", "sparsity.percent=50"])):
+        record = run_experiment(validate(compose_cfg(tiny + extra)),
+                                JobContext(tmp_path / "runs" / name, []))
+        assert record["status"] == "done"
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--no-figures"]) == 0
+    assert (out / "evi" / "zero_kernels.md").exists()  # analysis.evi wrote the family's tables
+    rows = pd.read_csv(out / "table1.csv")
+    assert set(rows["model"]) == {"fcn"}, "Table 1 holds the paper-000 run only"
