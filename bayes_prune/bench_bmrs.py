@@ -1,7 +1,7 @@
 """BMRS benchmarks: the cut network against the dense one, and the cost of continuous pruning.
 
     python -m bayes_prune.bench_bmrs cut RUN_DIR [RUN_DIR ...] [--batches 1 256] [--repeats 30]
-    python -m bayes_prune.bench_bmrs overhead [--blocks mnist_mlp ...] [--epochs 3] [--set KEY=VALUE ...]
+    python -m bayes_prune.bench_bmrs overhead [--blocks mnist_mlp ...] [--epochs 3] [--device cuda] [--set KEY=VALUE ...]
     python -m bayes_prune.bench_bmrs export RUN_DIR OUT.pt
 
 `cut`: for each finished run, its final network (`run.load_model`: the pruned units cut out,
@@ -127,7 +127,7 @@ def cut_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def block_state(block: str, pruner: str, overrides: list[str]):
+def block_state(block: str, pruner: str, overrides: list[str], device: str = "cpu"):
     """A RunState of the paper block's experiment with `pruner`, on its real data."""
     from hydra import compose, initialize_config_dir
 
@@ -142,35 +142,43 @@ def block_state(block: str, pruner: str, overrides: list[str]):
             f"experiment=bmrs_{block}", f"pruner={pruner}", "trainer.threads=1", *overrides]))
     method = method_class(cfg.pruner.method)(cfg.pruner, cfg)
     torch.manual_seed(0)
-    data = load_data(cfg.dataset, cfg.paths.data_dir, torch.device("cpu"))
-    state = RunState(cfg, method, data, torch.device("cpu"))
+    data = load_data(cfg.dataset, cfg.paths.data_dir, torch.device(device))
+    state = RunState(cfg, method, data, torch.device(device))
     method.start(state)
     return state
 
 
-def bench_overhead(blocks: list[str], epochs: int, kernels: list[str], overrides: list[str]) -> list[dict]:
+def bench_overhead(blocks: list[str], epochs: int, kernels: list[str], overrides: list[str],
+                   device: str = "cpu") -> list[dict]:
     from .config import Phase
 
     torch.set_num_threads(1)
     rows = []
     for block in blocks:
-        runs = {"none": block_state(block, "bmrs_none", overrides)}
+        runs = {"none": block_state(block, "bmrs_none", overrides, device)}
         for k in kernels:
             runs[f"bmrs_n[{k}]"] = block_state(block, "bmrs_n", [*overrides, f"pruner.kernel="
-                                                              f"{'auto' if k == 'c' else 'torch'}"])
+                                                              f"{'auto' if k == 'c' else 'torch'}"], device)
         times: dict[str, list[float]] = {k: [] for k in runs}
         for epoch in range(1, epochs + 1):
             for name, state in runs.items():
+                sync(device)
                 t0 = time.perf_counter()
                 state.train_epoch(epoch, Phase.train)
                 state.method.epoch_end(state, epoch)
+                sync(device)
                 times[name].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"block": block, "epochs": epochs, "seconds": times, "median_seconds": med,
                      "overhead": {k: med[k] / med["none"] - 1 for k in med if k != "none"},
-                     "batch_size": runs["none"].cfg.trainer.batch_size,
+                     "batch_size": runs["none"].cfg.trainer.batch_size, "device": device,
                      "n_train": len(runs["none"].data.x_train)})
     return rows
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def overhead_markdown(rows: list[dict]) -> str:
@@ -196,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--blocks", nargs="+", default=["mnist_mlp", "fashion_mnist_mlp", "mnist_lenet5",
                                                    "fashion_mnist_lenet5"])
     o.add_argument("--epochs", type=int, default=3)
-    o.add_argument("--kernels", nargs="+", choices=["c", "torch"], default=["c"])
+    o.add_argument("--kernels", nargs="+", choices=["c", "torch"], default=["c"],
+                   help="c: the fused CPU kernel where it applies (on CUDA the layer uses PyTorch ops)")
+    o.add_argument("--device", default="cpu", help="cpu or cuda")
     o.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="Hydra overrides for every run, e.g. dataset.train_subset=12000")
     for p in (c, o):
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         text = cut_markdown(rows)
     else:
         os.environ.setdefault("BAYES_PRUNE_DATA", str(ROOT.parent / "shared" / "datasets"))
-        rows = bench_overhead(args.blocks, args.epochs, args.kernels, args.overrides)
+        rows = bench_overhead(args.blocks, args.epochs, args.kernels, args.overrides, args.device)
         text = overhead_markdown(rows)
     after = loadavg()
     print(text)

@@ -4,6 +4,8 @@
 #   cuda    the CUDA and fleet tests: graphed runs and fleet members against their single runs
 #   suite   the rest of the test suite, on CUDA
 #   cifar   (not by default, ~1.5 min) the CNN bench on random CIFAR-10-shaped images, K = 105
+#   papers  (not by default) the GPU figures of papers 001-003: bench_lobs (exact OBS to 90 %),
+#           bench_evi (full vs diagonal at batch 16, 64, 256), bench_bmrs overhead (MLP, LeNet5)
 # STAGES="bench cuda" picks stages. Results go to $OUT (default outputs/gpu-check/).
 # Ready the checkout first where the GPU machine has no Hydra: bash ../shared/tools/device-prep.sh
 set -uo pipefail
@@ -24,6 +26,10 @@ for stage in $stages; do
              --ignore=tests/test_cuda.py --ignore=tests/test_fleet.py ;;
     cifar) run bench_cifar 120 $py -m bayes_prune.bench --device cuda --repeats 1 --fleet-modes graph \
              --models cnn --shape 3 32 32 --n-train 50000 --fleet-sizes 105 ;;
+    papers) run bench_lobs 240 $py -m bayes_prune.bench_lobs --device cuda
+            run bench_evi 300 $py -m bayes_prune.bench_evi --device cuda --batch 16 64 256
+            run bench_bmrs 240 $py -m bayes_prune.bench_bmrs overhead --device cuda \
+              --blocks mnist_mlp mnist_lenet5 --epochs 3 --kernels torch ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
   esac
 done
