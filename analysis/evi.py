@@ -182,14 +182,16 @@ def _norm_panel(ax, row: pd.Series) -> None:
         handles.append(Patch(color="tab:red", label="zero kernel"))
     if dead - {i for i, z in enumerate(zero) if z}:
         handles.append(Patch(color="tab:purple", label="dead (never active), not zero"))
+    if any(n < floor for n in norms):  # exact zeros have no place on a log axis: a visible stub
+        handles.append(Patch(color="none", label=f"norm < {floor:g} (e.g. 0) drawn at {floor:g}"))
     ax.axhline(thr, color="tab:red", lw=0.8, ls="--")
     ax.set_yscale("log")
-    ax.set_ylim(floor, max(max(norms) * 3, 1))
+    ax.set_ylim(floor / 100, max(max(norms) * 3, 1))
     ax.set_xlabel("kernel")
     ax.set_ylabel("Frobenius norm")
     ax.set_title(f"{row['kind']}, N = {row['kernels']}: {sum(zero)} zero kernels, "
                  f"acc {100 * row['test_acc']:.2f} %", fontsize=9)
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
 
 
 def fig_norms(nets: pd.DataFrame, out: Path) -> list[Path]:
@@ -209,7 +211,7 @@ def fig_norms(nets: pd.DataFrame, out: Path) -> list[Path]:
         ns = [n for n in ns if n in set(sub["kernels"])]
         if not ns:
             continue
-        fig = Figure(figsize=(11, 2.8 * len(ns)))
+        fig = Figure(figsize=(15, 2.8 * len(ns)))
         for r, n in enumerate(ns):
             for c, kind in enumerate(COLOURS):
                 ax = fig.add_subplot(len(ns), 2, 2 * r + c + 1)
