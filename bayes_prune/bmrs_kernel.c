@@ -140,6 +140,20 @@ static void channel_params(const float *mu, const float *logsigma, int64_t C, fl
     }
 }
 
+/* The channel-inner loops' parameter block: k rows of the C per-channel values of mu, sigma,
+ * Phi(alpha) and Z, at pm, pm + kC, pm + 2kC, pm + 3kC. */
+static void pattern(float *pm, const float *mu, const float *sigma, const float *pa, const float *Z,
+                    int64_t k, int64_t C) {
+    int64_t P = k * C;
+    for (int64_t r = 0; r < k; r++)
+        for (int64_t c = 0; c < C; c++) {
+            pm[r * C + c] = mu[c];
+            pm[P + r * C + c] = sigma[c];
+            pm[2 * P + r * C + c] = pa[c];
+            pm[3 * P + r * C + c] = Z[c];
+        }
+}
+
 /* d/dmu and d/dlog sigma from the sums S (see the header), through sigma, Phi(alpha) and Z. */
 static void channel_grads(const double *S, const float *mu, const float *logsigma, int64_t C, float a,
                           float b, float ls_min, float ls_max, float *gmu, float *gls) {
@@ -160,19 +174,18 @@ void bmrs_uniform(float *out, int64_t n, uint64_t key) {
     for (int64_t i = 0; i < n; i++) out[i] = uniform01((uint32_t)i, k0, k1);
 }
 
-/* y = x * theta; z (the standard-normal quantile) is kept for the backward pass. */
-void bmrs_noise_forward(const float *x, float *y, float *z_out, int64_t outer, int64_t C, int64_t inner,
-                        const float *mu, const float *logsigma, float a, float b, float ls_min,
-                        float ls_max, float clip, uint64_t key) {
+/* y = x * theta; z (the standard-normal quantile) and cp = [sigma | Phi(alpha) | Z] per channel are
+ * kept for the backward pass. */
+void bmrs_noise_forward(const float *x, float *y, float *z_out, float *cp, int64_t outer, int64_t C,
+                        int64_t inner, const float *mu, const float *logsigma, float a, float b,
+                        float ls_min, float ls_max, float clip, uint64_t key) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-    float *sigma = malloc(3 * C * sizeof(float)), *pa = sigma + C, *Z = pa + C;
+    float *sigma = cp, *pa = sigma + C, *Z = pa + C;
     channel_params(mu, logsigma, C, a, b, ls_min, ls_max, sigma, pa, Z);
     if (inner == 1) {  /* channel-inner: rows of C; a block of k rows repeats the parameters */
         int64_t k = C >= PATTERN ? 1 : PATTERN / C, P = k * C;
         float *pm = malloc(4 * P * sizeof(float)), *ps = pm + P, *pp = ps + P, *pz = pp + P;
-        for (int64_t j = 0; j < P; j++) {
-            pm[j] = mu[j % C]; ps[j] = sigma[j % C]; pp[j] = pa[j % C]; pz[j] = Z[j % C];
-        }
+        pattern(pm, mu, sigma, pa, Z, k, C);
         int64_t n = outer * C;
         for (int64_t off = 0; off < n; off += P) {
             int64_t len = n - off < P ? n - off : P;
@@ -206,26 +219,23 @@ void bmrs_noise_forward(const float *x, float *y, float *z_out, int64_t outer, i
             }
         }
     }
-    free(sigma);
 }
 
-/* gx = gy * theta, and d/dmu, d/dlog sigma from the per-channel sums S = [S0 | Sz | Sp | Se]. */
-void bmrs_noise_backward(const float *gy, const float *x, const float *z_in, float *gx, float *gmu,
-                         float *gls, int64_t outer, int64_t C, int64_t inner, const float *mu,
+/* gx = gy * theta, and d/dmu, d/dlog sigma from the per-channel sums S = [S0 | Sz | Sp | Se]; z and cp
+ * are the forward's. */
+void bmrs_noise_backward(const float *gy, const float *x, const float *z_in, const float *cp, float *gx,
+                         float *gmu, float *gls, int64_t outer, int64_t C, int64_t inner, const float *mu,
                          const float *logsigma, float a, float b, float ls_min, float ls_max, float clip,
                          uint64_t key) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-    float *sigma = malloc(3 * C * sizeof(float)), *pa = sigma + C, *Z = pa + C;
+    const float *sigma = cp, *pa = sigma + C, *Z = pa + C;  /* the forward's channel_params */
     double *S = malloc(4 * C * sizeof(double));
-    channel_params(mu, logsigma, C, a, b, ls_min, ls_max, sigma, pa, Z);
     for (int64_t i = 0; i < 4 * C; i++) S[i] = 0.0;
     if (inner == 1) {
         int64_t k = C >= PATTERN ? 1 : PATTERN / C, P = k * C;
         float *pm = malloc(8 * P * sizeof(float)), *ps = pm + P, *pp = ps + P, *pz = pp + P;
         float *acc = pz + P;  /* 4 x P partial sums, flushed into doubles every FLUSH blocks */
-        for (int64_t j = 0; j < P; j++) {
-            pm[j] = mu[j % C]; ps[j] = sigma[j % C]; pp[j] = pa[j % C]; pz[j] = Z[j % C];
-        }
+        pattern(pm, mu, sigma, pa, Z, k, C);
         for (int64_t j = 0; j < 4 * P; j++) acc[j] = 0.0f;
         int64_t n = outer * C, blocks = 0;
         for (int64_t off = 0; off < n; off += P) {
@@ -248,11 +258,12 @@ void bmrs_noise_backward(const float *gy, const float *x, const float *z_in, flo
                 a3[j] += gw * eps;
             }
             if (++blocks % FLUSH == 0 || off + P >= n) {
-                for (int q = 0; q < 4; q++)
-                    for (int64_t j = 0; j < P; j++) {
-                        S[q * C + j % C] += acc[q * P + j];
-                        acc[q * P + j] = 0.0f;
-                    }
+                for (int64_t q = 0; q < 4; q++)
+                    for (int64_t r = 0; r < k; r++)
+                        for (int64_t c = 0; c < C; c++) {
+                            S[q * C + c] += acc[q * P + r * C + c];
+                            acc[q * P + r * C + c] = 0.0f;
+                        }
             }
         }
         free(pm);
@@ -288,7 +299,6 @@ void bmrs_noise_backward(const float *gy, const float *x, const float *z_in, flo
     }
     channel_grads(S, mu, logsigma, C, a, b, ls_min, ls_max, gmu, gls);
     free(S);
-    free(sigma);
 }
 
 /* log Phi(x), accurate in both tails */

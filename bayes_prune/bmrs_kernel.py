@@ -84,10 +84,10 @@ def library() -> ctypes.CDLL | None:
     if _lib is None and _error is None:
         try:
             lib = ctypes.CDLL(str(_build()))
-            lib.bmrs_noise_forward.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _C, _C, _C, _C, _C,
+            lib.bmrs_noise_forward.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, _P, _C, _C, _C, _C, _C,
                                                ctypes.c_uint64]
-            lib.bmrs_noise_backward.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _C, _C, _C,
-                                                _C, _C, ctypes.c_uint64]
+            lib.bmrs_noise_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _C, _C,
+                                                _C, _C, _C, ctypes.c_uint64]
             lib.bmrs_uniform.argtypes = [_P, _I, ctypes.c_uint64]
             lib.bmrs_kl.argtypes = [_P, _P, _I, ctypes.c_double, _P, _P, _C, _C, _C, _C]
             lib.bmrs_kl.restype = ctypes.c_double
@@ -155,20 +155,21 @@ class FusedNoise(torch.autograd.Function):
         last = channels_last(x)
         xf, outer, c, inner = to_block(x, last)
         yf, zq = torch.empty_like(xf), _quantile_buffer(ctx, scratch, xf)
+        cp = torch.empty(3 * c)  # per channel sigma, Phi(alpha), Z: computed once, used twice
         # mu, logsigma: 1-d parameters, contiguous
-        _lib.bmrs_noise_forward(xf.data_ptr(), yf.data_ptr(), zq.data_ptr(), outer, c, inner,
-                                mu.data_ptr(), logsigma.data_ptr(), a, b, *ls_range, clip, key)
-        ctx.save_for_backward(xf, zq, mu, logsigma)
+        _lib.bmrs_noise_forward(xf.data_ptr(), yf.data_ptr(), zq.data_ptr(), cp.data_ptr(), outer, c,
+                                inner, mu.data_ptr(), logsigma.data_ptr(), a, b, *ls_range, clip, key)
+        ctx.save_for_backward(xf, zq, cp, mu, logsigma)
         ctx.meta = (outer, c, inner, a, b, ls_range, clip, key, x.shape, last)
         return from_block(yf, x.shape, last)
 
     @staticmethod
     def backward(ctx, gy):
-        xf, zq, mu, logsigma = ctx.saved_tensors
+        xf, zq, cp, mu, logsigma = ctx.saved_tensors
         outer, c, inner, a, b, ls_range, clip, key, shape, last = ctx.meta
         gyf = to_block(gy, last)[0]
         gx, gmu, gls = torch.empty_like(xf), torch.empty_like(mu), torch.empty_like(logsigma)
-        _lib.bmrs_noise_backward(gyf.data_ptr(), xf.data_ptr(), zq.data_ptr(), gx.data_ptr(),
+        _lib.bmrs_noise_backward(gyf.data_ptr(), xf.data_ptr(), zq.data_ptr(), cp.data_ptr(), gx.data_ptr(),
                                  gmu.data_ptr(), gls.data_ptr(), outer, c, inner, mu.data_ptr(),
                                  logsigma.data_ptr(), a, b, *ls_range, clip, key)
         if ctx.scratch is not None:
