@@ -1,7 +1,7 @@
 """BMRS benchmarks: the cut network against the dense one, and the cost of continuous pruning.
 
     python -m bayes_prune.bench_bmrs cut RUN_DIR [RUN_DIR ...] [--batches 1 256] [--repeats 30]
-    python -m bayes_prune.bench_bmrs overhead [--blocks mnist_mlp ...] [--epochs 3] [--kernels c torch mean]
+    python -m bayes_prune.bench_bmrs overhead [--blocks mnist_mlp ...] [--epochs 3] [--kernels c torch scale]
                                               [--device cuda] [--set KEY=VALUE ...]
     python -m bayes_prune.bench_bmrs export RUN_DIR OUT.pt
 
@@ -18,9 +18,10 @@ KL penalty, ΔF and the masks after the epoch: `RunState.train_epoch` + `Method.
 run does) against one epoch of the same network without noise layers (`bmrs_none`), on the
 block's real data and batch size, alternating the two `--epochs` times in one process; the median
 ratio is the overhead. With `--kernels c torch` it also times the noise layer on PyTorch ops;
-`mean` is the floor of any noise layer in this framework: the same run with each noise layer
-multiplying by E[theta] instead of a sample (one differentiable multiply per layer, plus the KL,
-ΔF and masks), so the cost of sampling is the difference between `c` and `mean`.
+`scale` is the floor of any multiplicative unit layer: the same run with each noise layer
+replaced by x * exp(mu), a learned per-unit scale (one differentiable broadcast multiply per
+layer, plus the KL, ΔF and masks), so the cost of sampling is the difference between `c` and
+`scale`.
 
 Both print Markdown and write JSON (`--out`), with the load average before and after: timings on
 a shared machine are only comparable within one invocation.
@@ -163,9 +164,9 @@ def bench_overhead(blocks: list[str], epochs: int, kernels: list[str], overrides
         for k in kernels:
             kernel = "torch" if k == "torch" else "auto"
             state = block_state(block, "bmrs_n", [*overrides, f"pruner.kernel={kernel}"], device)
-            if k == "mean":
+            if k == "scale":
                 for layer in noise_layers(state.model).values():
-                    layer.forward = _mean_forward(layer)
+                    layer.forward = _scale_forward(layer)
             runs[f"bmrs_n[{k}]"] = state
         times: dict[str, list[float]] = {k: [] for k in runs}
         for epoch in range(1, epochs + 1):
@@ -184,9 +185,9 @@ def bench_overhead(blocks: list[str], epochs: int, kernels: list[str], overrides
     return rows
 
 
-def _mean_forward(layer: LogUniformNoise):
+def _scale_forward(layer: LogUniformNoise):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return x * layer.mean_theta().view((1, -1) + (1,) * (x.dim() - 2))
+        return x * layer.mu.exp().view((1, -1) + (1,) * (x.dim() - 2))
     return forward
 
 
@@ -218,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--blocks", nargs="+", default=["mnist_mlp", "fashion_mnist_mlp", "mnist_lenet5",
                                                    "fashion_mnist_lenet5"])
     o.add_argument("--epochs", type=int, default=3)
-    o.add_argument("--kernels", nargs="+", choices=["c", "torch", "mean"], default=["c"],
+    o.add_argument("--kernels", nargs="+", choices=["c", "torch", "scale"], default=["c"],
                    help="c: the fused CPU kernel where it applies (on CUDA the layer uses PyTorch ops); "
-                        "torch: PyTorch ops; mean: E[theta] instead of a sample (the floor)")
+                        "torch: PyTorch ops; scale: x * exp(mu), no sampling (the floor)")
     o.add_argument("--device", default="cpu", help="cpu or cuda")
     o.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="Hydra overrides for every run, e.g. dataset.train_subset=12000")

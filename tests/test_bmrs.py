@@ -262,19 +262,19 @@ def test_the_benchmarked_export_is_smaller_than_the_dense_network_and_gives_the_
 
 
 @needs_mnist
-def test_the_overhead_bench_times_sampling_against_the_mean_theta_floor(monkeypatch):
-    from bayes_prune.bench_bmrs import _mean_forward, bench_overhead, block_state
+def test_the_overhead_bench_times_sampling_against_a_learned_scale_floor(monkeypatch):
+    from bayes_prune.bench_bmrs import _scale_forward, bench_overhead, block_state
     from bayes_prune.bmrs_layers import noise_layers
 
     monkeypatch.setenv("BAYES_PRUNE_DATA", str(mnist_root()))
     subset = ["dataset.train_subset=256", "dataset.test_subset=64"]
-    row = bench_overhead(["fashion_mnist_mlp"], 1, ["c", "mean"], subset)[0]
-    assert set(row["median_seconds"]) == {"none", "bmrs_n[c]", "bmrs_n[mean]"}
-    assert set(row["overhead"]) == {"bmrs_n[c]", "bmrs_n[mean]"} and row["n_train"] == 256
-    # the floor multiplies by E[theta] in training: deterministic, unlike the sampling layer
+    row = bench_overhead(["fashion_mnist_mlp"], 1, ["c", "scale"], subset)[0]
+    assert set(row["median_seconds"]) == {"none", "bmrs_n[c]", "bmrs_n[scale]"}
+    assert set(row["overhead"]) == {"bmrs_n[c]", "bmrs_n[scale]"} and row["n_train"] == 256
+    # the floor multiplies by a learned per-unit scale: deterministic, unlike the sampling layer
     state = block_state("fashion_mnist_mlp", "bmrs_n", subset)
     layer = next(iter(noise_layers(state.model).values()))
     x = torch.ones(4, layer.mu.numel())
     assert not torch.equal(layer(x), layer(x))
-    layer.forward = _mean_forward(layer)
-    assert torch.equal(layer(x), x * layer.mean_theta())
+    layer.forward = _scale_forward(layer)
+    assert torch.equal(layer(x), x * layer.mu.exp())
