@@ -6,7 +6,10 @@
  * here it is one pass with a counter-based random number per element, and the backward pass is
  * one more that recomputes the uniforms from the same counter and reduces the per-channel
  * gradients. Shapes: x is [outer, C, inner] in memory (inner = 1 for [B, C] and channels-last
- * activations, inner = H*W for NCHW).
+ * activations, inner = H*W for NCHW). The forward and the backward sums work on a range of the
+ * outer rows (`rows` rows whose first element is element `base` of the whole tensor, which keys
+ * the uniforms), so bmrs_kernel.py runs a large tensor as fixed chunks on several threads with
+ * the same result as one call.
  *
  * Per element, with g = clamp(Phi(alpha) + eps Z, clip, 1 - clip), z = Phi^-1(g), u = clamp(mu + sigma z):
  *   du/dmu = 1, du/dsigma = z (direct), du/dPhi(alpha) = sigma / phi(z), du/dZ = sigma eps / phi(z),
@@ -129,8 +132,8 @@ static inline double ndtr(double x) { return 0.5 * erfc(-x / 1.4142135623730951)
 static inline double npdf(double x) { return exp(-0.5 * x * x) / 2.5066282746310002; }
 
 /* Per-channel sigma = exp(clamp(log sigma)), Phi(alpha) and Z, in double, stored as float. */
-static void channel_params(const float *mu, const float *logsigma, int64_t C, float a, float b,
-                           float ls_min, float ls_max, float *sig, float *pa, float *Z) {
+void bmrs_channel_params(const float *mu, const float *logsigma, int64_t C, float a, float b,
+                         float ls_min, float ls_max, float *sig, float *pa, float *Z) {
     for (int64_t c = 0; c < C; c++) {
         double s = exp(clampd(logsigma[c], ls_min, ls_max));
         double pal = ndtr((a - mu[c]) / s), pbe = ndtr((b - mu[c]) / s);
@@ -155,8 +158,8 @@ static void pattern(float *pm, const float *mu, const float *sigma, const float 
 }
 
 /* d/dmu and d/dlog sigma from the sums S (see the header), through sigma, Phi(alpha) and Z. */
-static void channel_grads(const double *S, const float *mu, const float *logsigma, int64_t C, float a,
-                          float b, float ls_min, float ls_max, float *gmu, float *gls) {
+void bmrs_channel_grads(const double *S, const float *mu, const float *logsigma, int64_t C, float a,
+                        float b, float ls_min, float ls_max, float *gmu, float *gls) {
     for (int64_t c = 0; c < C; c++) {
         double s = exp(clampd(logsigma[c], ls_min, ls_max));
         double al = (a - mu[c]) / s, be = (b - mu[c]) / s, fa = npdf(al), fb = npdf(be);
@@ -174,14 +177,15 @@ void bmrs_uniform(float *out, int64_t n, uint64_t key) {
     for (int64_t i = 0; i < n; i++) out[i] = uniform01((uint32_t)i, k0, k1);
 }
 
-/* y = x * theta; z (the standard-normal quantile) and cp = [sigma | Phi(alpha) | Z] per channel are
- * kept for the backward pass. */
+/* y = x * theta over `outer` rows; z (the standard-normal quantile) is kept for the backward pass;
+ * cp = [sigma | Phi(alpha) | Z] per channel, computed here (bmrs_channel_params) when logsigma is
+ * given, else already computed by the caller. */
 void bmrs_noise_forward(const float *x, float *y, float *z_out, float *cp, int64_t outer, int64_t C,
                         int64_t inner, const float *mu, const float *logsigma, float a, float b,
-                        float ls_min, float ls_max, float clip, uint64_t key) {
+                        float ls_min, float ls_max, float clip, uint64_t key, int64_t base) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-    float *sigma = cp, *pa = sigma + C, *Z = pa + C;
-    channel_params(mu, logsigma, C, a, b, ls_min, ls_max, sigma, pa, Z);
+    if (logsigma != NULL) bmrs_channel_params(mu, logsigma, C, a, b, ls_min, ls_max, cp, cp + C, cp + 2 * C);
+    const float *sigma = cp, *pa = sigma + C, *Z = pa + C;
     if (inner == 1) {  /* channel-inner: rows of C; a block of k rows repeats the parameters */
         int64_t k = C >= PATTERN ? 1 : PATTERN / C, P = k * C;
         float *pm = malloc(4 * P * sizeof(float)), *ps = pm + P, *pp = ps + P, *pz = pp + P;
@@ -193,7 +197,7 @@ void bmrs_noise_forward(const float *x, float *y, float *z_out, float *cp, int64
             float *yr = y + off, *zr = z_out + off;
 #pragma omp simd
             for (int64_t j = 0; j < len; j++) {
-                float eps = uniform01((uint32_t)(off + j), k0, k1);
+                float eps = uniform01((uint32_t)(base + off + j), k0, k1);
                 float z = ndtri(clampf(pp[j] + eps * pz[j], clip, 1.0f - clip));
                 float u = clampf(pm[j] + ps[j] * z, a, b);
                 zr[j] = z;
@@ -210,7 +214,7 @@ void bmrs_noise_forward(const float *x, float *y, float *z_out, float *cp, int64
                 float m = mu[c], s = sigma[c], p = pa[c], zz = Z[c];
 #pragma omp simd
                 for (int64_t j = 0; j < inner; j++) {
-                    float eps = uniform01((uint32_t)(off + j), k0, k1);
+                    float eps = uniform01((uint32_t)(base + off + j), k0, k1);
                     float z = ndtri(clampf(p + eps * zz, clip, 1.0f - clip));
                     float u = clampf(m + s * z, a, b);
                     zr[j] = z;
@@ -221,15 +225,13 @@ void bmrs_noise_forward(const float *x, float *y, float *z_out, float *cp, int64
     }
 }
 
-/* gx = gy * theta, and d/dmu, d/dlog sigma from the per-channel sums S = [S0 | Sz | Sp | Se]; z and cp
- * are the forward's. */
-void bmrs_noise_backward(const float *gy, const float *x, const float *z_in, const float *cp, float *gx,
-                         float *gmu, float *gls, int64_t outer, int64_t C, int64_t inner, const float *mu,
-                         const float *logsigma, float a, float b, float ls_min, float ls_max, float clip,
-                         uint64_t key) {
+/* gx = gy * theta over `outer` rows, and their per-channel sums S = [S0 | Sz | Sp | Se] (4C doubles),
+ * from which bmrs_channel_grads gives d/dmu and d/dlog sigma; z, cp, key and base are the forward's. */
+static void noise_sums(const float *gy, const float *x, const float *z_in, const float *cp, float *gx,
+                       double *S, int64_t outer, int64_t C, int64_t inner, const float *mu, float a, float b,
+                       float clip, uint64_t key, int64_t base) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-    const float *sigma = cp, *pa = sigma + C, *Z = pa + C;  /* the forward's channel_params */
-    double *S = malloc(4 * C * sizeof(double));
+    const float *sigma = cp, *pa = sigma + C, *Z = pa + C;
     for (int64_t i = 0; i < 4 * C; i++) S[i] = 0.0;
     if (inner == 1) {
         int64_t k = C >= PATTERN ? 1 : PATTERN / C, P = k * C;
@@ -244,7 +246,7 @@ void bmrs_noise_backward(const float *gy, const float *x, const float *z_in, con
             float *gxr = gx + off, *a0 = acc, *a1 = acc + P, *a2 = acc + 2 * P, *a3 = acc + 3 * P;
 #pragma omp simd
             for (int64_t j = 0; j < len; j++) {
-                float eps = uniform01((uint32_t)(off + j), k0, k1);
+                float eps = uniform01((uint32_t)(base + off + j), k0, k1);
                 float graw = pp[j] + eps * pz[j];
                 float z = zr[j];
                 float uraw = pm[j] + ps[j] * z;
@@ -277,7 +279,7 @@ void bmrs_noise_backward(const float *gy, const float *x, const float *z_in, con
                 float s0 = 0.0f, sz = 0.0f, sp = 0.0f, se = 0.0f;
 #pragma omp simd reduction(+ : s0, sz, sp, se)
                 for (int64_t j = 0; j < inner; j++) {
-                    float eps = uniform01((uint32_t)(off + j), k0, k1);
+                    float eps = uniform01((uint32_t)(base + off + j), k0, k1);
                     float graw = p + eps * zz;
                     float z = zr[j];
                     float uraw = m + s * z;
@@ -297,8 +299,31 @@ void bmrs_noise_backward(const float *gy, const float *x, const float *z_in, con
             }
         }
     }
-    channel_grads(S, mu, logsigma, C, a, b, ls_min, ls_max, gmu, gls);
-    free(S);
+}
+
+/* noise_sums over `outer` rows in chunks of `chunk` rows, the sums of chunk i at S + 4Ci: the
+ * chunks, not the calls, fix the order in which the sums are added, so any split of the rows
+ * between threads gives the same gradients. With gmu given (a call over all rows), the chunk
+ * sums are added in chunk order into S[0, 4C) and turned into d/dmu and d/dlog sigma here; S may
+ * then be NULL (a buffer of its own). */
+void bmrs_noise_sums(const float *gy, const float *x, const float *z_in, const float *cp, float *gx,
+                     double *S, int64_t outer, int64_t chunk, int64_t C, int64_t inner, const float *mu,
+                     float a, float b, float clip, uint64_t key, int64_t base, float *gmu, float *gls,
+                     const float *logsigma, float ls_min, float ls_max) {
+    int64_t row = C * inner;
+    double *own = S == NULL ? malloc(4 * C * ((outer + chunk - 1) / chunk) * sizeof(double)) : NULL;
+    S = own != NULL ? own : S;
+    for (int64_t o = 0; o < outer; o += chunk) {
+        int64_t rows = outer - o < chunk ? outer - o : chunk;
+        noise_sums(gy + o * row, x + o * row, z_in + o * row, cp, gx + o * row, S + 4 * C * (o / chunk),
+                   rows, C, inner, mu, a, b, clip, key, base + o * row);
+    }
+    if (gmu != NULL) {
+        for (int64_t i = 1; i < (outer + chunk - 1) / chunk; i++)
+            for (int64_t j = 0; j < 4 * C; j++) S[j] += S[4 * C * i + j];
+        bmrs_channel_grads(S, mu, logsigma, C, a, b, ls_min, ls_max, gmu, gls);
+    }
+    free(own);
 }
 
 /* log Phi(x), accurate in both tails */

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -84,10 +85,12 @@ def library() -> ctypes.CDLL | None:
     if _lib is None and _error is None:
         try:
             lib = ctypes.CDLL(str(_build()))
+            lib.bmrs_channel_params.argtypes = [_P, _P, _I, _C, _C, _C, _C, _P, _P, _P]
+            lib.bmrs_channel_grads.argtypes = [_P, _P, _P, _I, _C, _C, _C, _C, _P, _P]
             lib.bmrs_noise_forward.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, _P, _C, _C, _C, _C, _C,
-                                               ctypes.c_uint64]
-            lib.bmrs_noise_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _C, _C,
-                                                _C, _C, _C, ctypes.c_uint64]
+                                               ctypes.c_uint64, _I]
+            lib.bmrs_noise_sums.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _P, _C, _C, _C,
+                                            ctypes.c_uint64, _I, _P, _P, _P, _C, _C]
             lib.bmrs_uniform.argtypes = [_P, _I, ctypes.c_uint64]
             lib.bmrs_kl.argtypes = [_P, _P, _I, ctypes.c_double, _P, _P, _C, _C, _C, _C]
             lib.bmrs_kl.restype = ctypes.c_double
@@ -144,6 +147,32 @@ def from_block(flat: torch.Tensor, shape: torch.Size, last: bool) -> torch.Tenso
     return flat.view(shape)
 
 
+CHUNK = 1 << 16  # elements per chunk of the gradient sums: fixed, so no result depends on the threads
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
+
+
+def chunk_rows(row: int) -> int:
+    """Outer rows (`row` elements each) per chunk: about CHUNK elements."""
+    return max(1, CHUNK // max(1, row))
+
+
+def threads_for(outer: int, step: int) -> int:
+    """Threads for a tensor of `outer` rows in chunks of `step` rows: torch's intra-op count, at
+    most one per chunk."""
+    return min(torch.get_num_threads(), -(-outer // step))
+
+
+def run_split(fn, outer: int, step: int, threads: int) -> None:
+    """fn(start, stop) over [0, outer) split at multiples of `step` into `threads` ranges, run on a
+    thread pool (the ctypes calls release the GIL)."""
+    global _pool
+    n_chunks = -(-outer // step)
+    bounds = [min(outer, step * (n_chunks * t // threads)) for t in range(threads + 1)]
+    if _pool is None or _pool[0] < threads:
+        _pool = (threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bmrs_kernel"))
+    list(_pool[1].map(lambda t: fn(bounds[t], bounds[t + 1]), range(threads)))
+
+
 class FusedNoise(torch.autograd.Function):
     """y = x * exp(u), u ~ N(mu, sigma^2) truncated to [a, b] drawn per element (bmrs_kernel.c), with
     sigma = exp(clamp(logsigma, *ls_range)); differentiable in x, mu and logsigma."""
@@ -156,9 +185,19 @@ class FusedNoise(torch.autograd.Function):
         xf, outer, c, inner = to_block(x, last)
         yf, zq = torch.empty_like(xf), _quantile_buffer(ctx, scratch, xf)
         cp = torch.empty(3 * c)  # per channel sigma, Phi(alpha), Z: computed once, used twice
-        # mu, logsigma: 1-d parameters, contiguous
-        _lib.bmrs_noise_forward(xf.data_ptr(), yf.data_ptr(), zq.data_ptr(), cp.data_ptr(), outer, c,
-                                inner, mu.data_ptr(), logsigma.data_ptr(), a, b, *ls_range, clip, key)
+        row, step = c * inner, chunk_rows(c * inner)
+        threads = threads_for(outer, step)
+        # mu, logsigma: 1-d parameters, contiguous; float32 element offsets are 4 bytes apart
+        if threads == 1:
+            _lib.bmrs_noise_forward(xf.data_ptr(), yf.data_ptr(), zq.data_ptr(), cp.data_ptr(), outer, c,
+                                    inner, mu.data_ptr(), logsigma.data_ptr(), a, b, *ls_range, clip, key, 0)
+        else:
+            _lib.bmrs_channel_params(mu.data_ptr(), logsigma.data_ptr(), c, a, b, *ls_range, cp.data_ptr(),
+                                     cp.data_ptr() + 4 * c, cp.data_ptr() + 8 * c)
+            run_split(lambda o0, o1: _lib.bmrs_noise_forward(
+                xf.data_ptr() + 4 * o0 * row, yf.data_ptr() + 4 * o0 * row, zq.data_ptr() + 4 * o0 * row,
+                cp.data_ptr(), o1 - o0, c, inner, mu.data_ptr(), None, a, b, *ls_range, clip, key, o0 * row),
+                outer, step, threads)
         ctx.save_for_backward(xf, zq, cp, mu, logsigma)
         ctx.meta = (outer, c, inner, a, b, ls_range, clip, key, x.shape, last)
         return from_block(yf, x.shape, last)
@@ -169,9 +208,24 @@ class FusedNoise(torch.autograd.Function):
         outer, c, inner, a, b, ls_range, clip, key, shape, last = ctx.meta
         gyf = to_block(gy, last)[0]
         gx, gmu, gls = torch.empty_like(xf), torch.empty_like(mu), torch.empty_like(logsigma)
-        _lib.bmrs_noise_backward(gyf.data_ptr(), xf.data_ptr(), zq.data_ptr(), cp.data_ptr(), gx.data_ptr(),
-                                 gmu.data_ptr(), gls.data_ptr(), outer, c, inner, mu.data_ptr(),
-                                 logsigma.data_ptr(), a, b, *ls_range, clip, key)
+        row, step = c * inner, chunk_rows(c * inner)
+        threads = threads_for(outer, step)
+        if threads == 1:  # one call: the chunk sums, added in chunk order, and the gradients
+            _lib.bmrs_noise_sums(gyf.data_ptr(), xf.data_ptr(), zq.data_ptr(), cp.data_ptr(), gx.data_ptr(),
+                                 None, outer, step, c, inner, mu.data_ptr(), a, b, clip, key, 0,
+                                 gmu.data_ptr(), gls.data_ptr(), logsigma.data_ptr(), *ls_range)
+        else:
+            sums = torch.empty(-(-outer // step), 4 * c, dtype=torch.float64)
+            run_split(lambda o0, o1: _lib.bmrs_noise_sums(
+                gyf.data_ptr() + 4 * o0 * row, xf.data_ptr() + 4 * o0 * row, zq.data_ptr() + 4 * o0 * row,
+                cp.data_ptr(), gx.data_ptr() + 4 * o0 * row, sums.data_ptr() + 32 * c * (o0 // step),
+                o1 - o0, step, c, inner, mu.data_ptr(), a, b, clip, key, o0 * row, None, None, None,
+                *ls_range), outer, step, threads)
+            total = sums[0]
+            for i in range(1, len(sums)):  # in chunk order, as the single call adds them
+                total = total + sums[i]
+            _lib.bmrs_channel_grads(total.data_ptr(), mu.data_ptr(), logsigma.data_ptr(), c, a, b,
+                                    *ls_range, gmu.data_ptr(), gls.data_ptr())
         if ctx.scratch is not None:
             ctx.scratch["holder"] = None  # the quantile buffer is free for the next forward
         return from_block(gx, shape, last), gmu, gls, None, None, None, None, None

@@ -236,3 +236,34 @@ def test_two_pending_forwards_of_one_layer_keep_their_own_quantiles():
 
     for a, b in zip(grads(True), grads(False), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_fused_noise_in_chunks_on_several_threads_equals_one_call(monkeypatch):
+    torch.manual_seed(4)
+    layer = LogUniformNoise(6)
+    with torch.no_grad():
+        layer.mu.copy_(torch.randn(6) * 3 - 3)
+        layer.logsigma.copy_(torch.randn(6) - 1)
+    x = torch.randn(40, 6, 7, 7, requires_grad=True)
+    gy = torch.randn(40, 6, 7, 7)
+
+    def step(chunk: int, threads: int):
+        monkeypatch.setattr(bmrs_kernel, "CHUNK", chunk)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(9)
+            y = layer(x)
+            return (y, *torch.autograd.grad(y, (x, layer.mu, layer.logsigma), gy))
+        finally:
+            torch.set_num_threads(before)
+
+    whole = step(1 << 30, 1)
+    one, three = step(600, 1), step(600, 3)  # 2 rows of 294 elements a chunk: 20 chunks
+    assert bmrs_kernel.chunk_rows(6 * 49) == 2
+    for a, b in zip(one, three, strict=True):
+        assert torch.equal(a, b)  # the thread count changes nothing
+    assert torch.equal(one[0], whole[0]) and torch.equal(one[1], whole[1])  # same uniforms per element
+    for a, b in zip(one[2:], whole[2:], strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # channel sums added in another order
