@@ -144,7 +144,8 @@ def block_state(block: str, pruner: str, overrides: list[str], device: str = "cp
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = validate(compose(config_name="config", overrides=[
-            f"experiment=bmrs_{block}", f"pruner={pruner}", "trainer.threads=1", *overrides]))
+            f"experiment=bmrs_{block}", f"pruner={pruner}", f"trainer.threads={torch.get_num_threads()}",
+            *overrides]))
     method = method_class(cfg.pruner.method)(cfg.pruner, cfg)
     torch.manual_seed(0)
     data = load_data(cfg.dataset, cfg.paths.data_dir, torch.device(device))
@@ -154,10 +155,10 @@ def block_state(block: str, pruner: str, overrides: list[str], device: str = "cp
 
 
 def bench_overhead(blocks: list[str], epochs: int, kernels: list[str], overrides: list[str],
-                   device: str = "cpu") -> list[dict]:
+                   device: str = "cpu", threads: int = 1) -> list[dict]:
     from .config import Phase
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     rows = []
     for block in blocks:
         runs = {"none": block_state(block, "bmrs_none", overrides, device)}
@@ -180,7 +181,7 @@ def bench_overhead(blocks: list[str], epochs: int, kernels: list[str], overrides
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"block": block, "epochs": epochs, "seconds": times, "median_seconds": med,
                      "overhead": {k: med[k] / med["none"] - 1 for k in med if k != "none"},
-                     "batch_size": runs["none"].cfg.trainer.batch_size, "device": device,
+                     "batch_size": runs["none"].cfg.trainer.batch_size, "device": device, "threads": threads,
                      "n_train": len(runs["none"].data.x_train)})
     return rows
 
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="c: the fused CPU kernel where it applies (on CUDA the layer uses PyTorch ops); "
                         "torch: PyTorch ops; scale: x * exp(mu), no sampling (the floor)")
     o.add_argument("--device", default="cpu", help="cpu or cuda")
+    o.add_argument("--threads", type=int, default=1, help="torch CPU threads (the kernel's too)")
     o.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="Hydra overrides for every run, e.g. dataset.train_subset=12000")
     for p in (c, o):
@@ -246,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         text = cut_markdown(rows)
     else:
         os.environ.setdefault("BAYES_PRUNE_DATA", str(ROOT.parent / "shared" / "datasets"))
-        rows = bench_overhead(args.blocks, args.epochs, args.kernels, args.overrides, args.device)
+        rows = bench_overhead(args.blocks, args.epochs, args.kernels, args.overrides, args.device, args.threads)
         text = overhead_markdown(rows)
     after = loadavg()
     print(text)
-    print(f"1 thread; load average before {before}, after {after}")
+    threads = getattr(args, "threads", 1)
+    print(f"{threads} thread(s); load average before {before}, after {after}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"what": args.what, "load_before": before, "load_after": after,
