@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         text = cut_markdown(rows)
     else:
         os.environ.setdefault("BAYES_PRUNE_DATA", str(ROOT.parent / "shared" / "datasets"))
-        rows = bench_overhead(args.blocks, args.epochs, args.kernels, args.overrides, args.device, args.threads)
+        rows = bench_overhead(args.blocks, args.epochs, args.kernels, args.overrides, args.device,
+                              args.threads)
         text = overhead_markdown(rows)
     after = loadavg()
     print(text)
