@@ -261,14 +261,14 @@ def test_ctrl_c_stops_within_seconds_as_interrupted_and_the_run_resumes(tmp_path
         if meta.get("history"):
             break
         time.sleep(0.1)
-    t0 = time.time()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert time.time() - t0 < 10  # "within a second" on a quiet machine; CI may be loaded
+    # no wall-clock bound (a loaded machine is slow): stopping mid-run is what is pinned, the rest of
+    # the run not being trained, and a hang fails the timeout
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in out + err and "re-run the same command to resume" in err
     meta = strict_json(run_dir / METRICS)
-    assert meta["status"] == "interrupted" and len(meta["history"]) >= 1
+    assert meta["status"] == "interrupted" and 1 <= len(meta["history"]) < 3
     again = cli(*args)
     assert again.returncode == 0 and "resuming" in again.stdout
     assert strict_json(run_dir / METRICS)["status"] == "done"
