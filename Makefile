@@ -86,7 +86,7 @@ bmrs-analysis: install ## rebuild BMRS Table 1, structure table and Fig. 2 from 
 	$(PY) -m analysis.bmrs outputs/multirun/bmrs --out outputs/analysis/bmrs
 
 bench-bmrs: install ## BMRS: epoch overhead of continuous pruning; cut vs dense latency of finished bmrs_n runs
-	$(PY) -m bayes_prune.bench_bmrs overhead --kernels c torch --out outputs/bench/bmrs_overhead.json
+	$(PY) -m bayes_prune.bench_bmrs overhead --kernels c scale torch --epochs 5 --set dataset.train_subset=12000 --out outputs/bench/bmrs_overhead.json
 	$(PY) -m bayes_prune.bench_bmrs cut $$(ls -d outputs/multirun/bmrs/*/*/bmrs_n/sparsity=0/seed=0) --out outputs/bench/bmrs_cut.json
 
 evi: install ## paper 003: MNIST / Fashion-MNIST loops and N sweeps (resumable), then analysis.evi
