@@ -8,7 +8,9 @@ which draw the same distribution from torch's generator.
 
 The kernel's uniforms come from a counter-based hash keyed per call by a 64-bit key drawn from
 torch's default generator, so a run is reproducible from its seed and resumes bit-identically
-(the checkpoint holds that generator's state).
+(the checkpoint holds that generator's state). On more than one torch thread a large activation
+is split into fixed chunks run on a thread pool; the counters are global and the per-channel
+gradient sums are added in chunk order, so the thread count changes no result.
 """
 
 from __future__ import annotations
