@@ -158,8 +158,8 @@ static void pattern(float *pm, const float *mu, const float *sigma, const float 
 }
 
 /* d/dmu and d/dlog sigma from the sums S (see the header), through sigma, Phi(alpha) and Z. */
-void bmrs_channel_grads(const double *S, const float *mu, const float *logsigma, int64_t C, float a,
-                        float b, float ls_min, float ls_max, float *gmu, float *gls) {
+static void channel_grads(const double *S, const float *mu, const float *logsigma, int64_t C, float a,
+                          float b, float ls_min, float ls_max, float *gmu, float *gls) {
     for (int64_t c = 0; c < C; c++) {
         double s = exp(clampd(logsigma[c], ls_min, ls_max));
         double al = (a - mu[c]) / s, be = (b - mu[c]) / s, fa = npdf(al), fb = npdf(be);
@@ -226,7 +226,7 @@ void bmrs_noise_forward(const float *x, float *y, float *z_out, float *cp, int64
 }
 
 /* gx = gy * theta over `outer` rows, and their per-channel sums S = [S0 | Sz | Sp | Se] (4C doubles),
- * from which bmrs_channel_grads gives d/dmu and d/dlog sigma; z, cp, key and base are the forward's. */
+ * from which bmrs_chunk_grads gives d/dmu and d/dlog sigma; z, cp, key and base are the forward's. */
 static void noise_sums(const float *gy, const float *x, const float *z_in, const float *cp, float *gx,
                        double *S, int64_t outer, int64_t C, int64_t inner, const float *mu, float a, float b,
                        float clip, uint64_t key, int64_t base) {
@@ -301,11 +301,18 @@ static void noise_sums(const float *gy, const float *x, const float *z_in, const
     }
 }
 
+/* The n chunk sums at S, S + 4C, ... added in chunk order into S[0, 4C), then d/dmu and d/dlog sigma. */
+void bmrs_chunk_grads(double *S, int64_t n, const float *mu, const float *logsigma, int64_t C, float a,
+                      float b, float ls_min, float ls_max, float *gmu, float *gls) {
+    for (int64_t i = 1; i < n; i++)
+        for (int64_t j = 0; j < 4 * C; j++) S[j] += S[4 * C * i + j];
+    channel_grads(S, mu, logsigma, C, a, b, ls_min, ls_max, gmu, gls);
+}
+
 /* noise_sums over `outer` rows in chunks of `chunk` rows, the sums of chunk i at S + 4Ci: the
- * chunks, not the calls, fix the order in which the sums are added, so any split of the rows
- * between threads gives the same gradients. With gmu given (a call over all rows), the chunk
- * sums are added in chunk order into S[0, 4C) and turned into d/dmu and d/dlog sigma here; S may
- * then be NULL (a buffer of its own). */
+ * chunks, not the calls, fix the order in which the sums are added (bmrs_chunk_grads), so any
+ * split of the rows between threads gives the same gradients. With gmu given (a call over all
+ * rows) the gradients are computed here too, and S may be NULL (a buffer of its own). */
 void bmrs_noise_sums(const float *gy, const float *x, const float *z_in, const float *cp, float *gx,
                      double *S, int64_t outer, int64_t chunk, int64_t C, int64_t inner, const float *mu,
                      float a, float b, float clip, uint64_t key, int64_t base, float *gmu, float *gls,
@@ -318,11 +325,8 @@ void bmrs_noise_sums(const float *gy, const float *x, const float *z_in, const f
         noise_sums(gy + o * row, x + o * row, z_in + o * row, cp, gx + o * row, S + 4 * C * (o / chunk),
                    rows, C, inner, mu, a, b, clip, key, base + o * row);
     }
-    if (gmu != NULL) {
-        for (int64_t i = 1; i < (outer + chunk - 1) / chunk; i++)
-            for (int64_t j = 0; j < 4 * C; j++) S[j] += S[4 * C * i + j];
-        bmrs_channel_grads(S, mu, logsigma, C, a, b, ls_min, ls_max, gmu, gls);
-    }
+    if (gmu != NULL)
+        bmrs_chunk_grads(S, (outer + chunk - 1) / chunk, mu, logsigma, C, a, b, ls_min, ls_max, gmu, gls);
     free(own);
 }
 

@@ -88,7 +88,7 @@ def library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_build()))
             lib.bmrs_channel_params.argtypes = [_P, _P, _I, _C, _C, _C, _C, _P, _P, _P]
-            lib.bmrs_channel_grads.argtypes = [_P, _P, _P, _I, _C, _C, _C, _C, _P, _P]
+            lib.bmrs_chunk_grads.argtypes = [_P, _I, _P, _P, _I, _C, _C, _C, _C, _P, _P]
             lib.bmrs_noise_forward.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, _P, _C, _C, _C, _C, _C,
                                                ctypes.c_uint64, _I]
             lib.bmrs_noise_sums.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _P, _C, _C, _C,
@@ -224,11 +224,8 @@ class FusedNoise(torch.autograd.Function):
                 cp.data_ptr(), gx.data_ptr() + 4 * o0 * row, sums.data_ptr() + 32 * c * (o0 // step),
                 o1 - o0, step, c, inner, mu.data_ptr(), a, b, clip, key, o0 * row, None, None, None,
                 *ls_range), outer, step, threads)
-            total = sums[0]
-            for i in range(1, len(sums)):  # in chunk order, as the single call adds them
-                total = total + sums[i]
-            _lib.bmrs_channel_grads(total.data_ptr(), mu.data_ptr(), logsigma.data_ptr(), c, a, b,
-                                    *ls_range, gmu.data_ptr(), gls.data_ptr())
+            _lib.bmrs_chunk_grads(sums.data_ptr(), len(sums), mu.data_ptr(), logsigma.data_ptr(), c, a, b,
+                                  *ls_range, gmu.data_ptr(), gls.data_ptr())
         if ctx.scratch is not None:
             ctx.scratch["holder"] = None  # the quantile buffer is free for the next forward
         return from_block(gx, shape, last), gmu, gls, None, None, None, None, None
